@@ -1,0 +1,320 @@
+"""``linear_cross_entropy``: argument checks, target preparation and dispatch.
+
+The math is in ``fused_xent.formulation``; the backends (Triton kernels, chunked torch,
+materialised reference) evaluate it. This module only checks arguments, flattens leading
+dimensions, picks a backend and wires autograd.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fused_xent import reference
+from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, prob_coef, row_loss
+
+IMPLS = ("auto", "triton", "chunked", "reference")
+REDUCTIONS = ("mean", "sum", "none")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A pair of functions with the signatures of the Triton launchers."""
+
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _triton_backend() -> Backend:
+    from fused_xent.kernels.linear_xent_backward import linear_xent_backward
+    from fused_xent.kernels.linear_xent_forward import linear_xent_forward
+
+    return Backend("triton", linear_xent_forward, linear_xent_backward)
+
+
+CHUNKED = Backend("chunked", reference.chunked_forward, reference.chunked_backward)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Per-row loss and lse; the backward recomputes logits through the backend."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, scale, rt: RowTargets, opts: XentOptions, backend: Backend):
+        lse, lin = backend.forward(x, w, b, scale, rt, opts)
+        ctx.save_for_backward(x, w, b, scale, lse)
+        ctx.rt, ctx.opts, ctx.backend = rt, opts, backend
+        return row_loss(lse, lin, rt), lse
+
+    @staticmethod
+    def backward(ctx, g, g_lse):
+        x, w, b, scale, lse = ctx.saved_tensors
+        rt = ctx.rt
+        # rows without target mass (ignored) get no gradient, even when the mean is 0/0
+        g = torch.where((rt.lse_coef != 0) | (rt.zl != 0), g, torch.zeros_like(g))
+        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+        dx_raw, dw, db = ctx.backend.backward(
+            x, w, b, scale, lse, prob_coef(g, g_lse, lse, rt), rt.scaled(g), ctx.opts, need_x or need_s, need_w, need_b
+        )
+        dx = (dx_raw * scale).to(x.dtype) if need_x else None
+        dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
+        return dx, dw.to(w.dtype) if need_w else None, db.to(b.dtype) if need_b else None, dscale, None, None, None
+
+
+def linear_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    linear_bias: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    scale: float | torch.Tensor | None = None,
+    softcap: float | None = None,
+    z_loss: float = 0.0,
+    target2: torch.Tensor | None = None,
+    lam: float | torch.Tensor | None = None,
+    return_lse: bool = False,
+    impl: str = "auto",
+):
+    """Cross-entropy of ``softcap(scale * input @ linear_weight.T + linear_bias)`` without
+    materialising the logits.
+
+    Equals ``F.cross_entropy(F.linear(input, linear_weight, linear_bias), target,
+    weight=weight, reduction=reduction, ignore_index=ignore_index,
+    label_smoothing=label_smoothing)`` in value and gradients, and extends it:
+
+    Args:
+        input: (..., D) float32 / float16 / bfloat16 (float64 on the torch paths).
+        linear_weight: (C, D), same dtype and device as ``input``.
+        target: (...) integer class indices in [0, C) or ``ignore_index``, or (..., C)
+            float class probabilities.
+        linear_bias: (C,) or None.
+        weight: (C,) per-class rescaling weight, as in ``F.cross_entropy``.
+        reduction: "mean" | "sum" | "none" (then the loss has the shape of ``input[..., 0]``).
+        ignore_index: class index whose rows are skipped; None skips none.
+        label_smoothing: eps in [0, 1], mixing the target with the uniform distribution.
+        scale: float or 1-element tensor (learnable, gets a gradient) multiplying the logits.
+        softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
+        z_loss: adds ``z_loss * lse**2`` per kept row (PaLM).
+        target2, lam: mixup / cutmix as a second label per row and its weight
+            ``1 - lam``; ``lam`` a float or a tensor of ``target``'s shape.
+        return_lse: also return the per-row log-sum-exp (differentiable, fp32).
+        impl: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (also on CPU under
+            ``TRITON_INTERPRET=1``), "chunked", or "reference" (materialises logits).
+
+    Returns:
+        The loss (fp32; fp64 for fp64 input), and the lse when ``return_lse``.
+    """
+    _check_options(reduction, label_smoothing, z_loss, softcap, impl)
+    x, w, b = _check_linear(input, linear_weight, linear_bias)
+    C, D = w.shape
+    batch_shape = input.shape[:-1]
+    dense = target.is_floating_point() if isinstance(target, torch.Tensor) else False
+    t = _check_target(target, batch_shape, C, x.device, dense)
+    t2, lam_rows = _check_mixup(target2, lam, target, batch_shape, dense, x.device)
+    class_weight = _check_class_weight(weight, C, x.device)
+    if not dense:
+        _check_target_range(t, t2, lam_rows, C, ignore_index)
+    scale_t = _check_scale(scale, x.device)
+
+    opts = XentOptions(num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap)
+    wide = reference.compute_dtype(x.dtype)
+    rt = build_row_targets(
+        t,
+        target2=t2,
+        lam=None if lam_rows is None else lam_rows.to(wide),
+        class_weight=None if class_weight is None else class_weight.to(wide),
+        ignore_index=None if dense else ignore_index,
+        opts=opts,
+        dtype=wide,
+    )
+    backend = _choose(impl, x, dense and target.requires_grad)
+    if backend is None:
+        rows, lse = reference.reference_rows(x, w, b, scale_t.to(wide), rt, opts)
+    elif torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t)):
+        rows, lse = _LinearCrossEntropy.apply(x, w, b, scale_t, rt, opts, backend)
+    else:
+        lse, lin = backend.forward(x, w, b, scale_t, rt, opts)
+        rows = row_loss(lse, lin, rt)
+
+    if reduction == "none":
+        loss = rows.reshape(batch_shape)
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() / rt.row_weight.sum()
+    return (loss, lse.reshape(batch_shape)) if return_lse else loss
+
+
+def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | None:
+    """The backend for ``impl``; None means the materialised reference."""
+    if impl == "reference" or target_needs_grad:
+        return None  # only the reference differentiates probability targets
+    if impl == "chunked":
+        return CHUNKED
+    if impl == "triton":
+        if x.dtype == torch.float64:
+            raise ValueError("impl='triton' supports float32, float16 and bfloat16 input, got float64")
+        if not x.is_cuda:
+            from fused_xent.kernels.config import interpreting
+
+            if not interpreting():
+                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        return _triton_backend()
+    if x.is_cuda and x.dtype != torch.float64:
+        return _triton_backend()
+    return CHUNKED
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
+    if not isinstance(z_loss, numbers.Real) or not z_loss >= 0.0:
+        raise ValueError(f"z_loss must be a float >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap > 0.0):
+        raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
+
+
+def _check_linear(input, linear_weight, linear_bias):
+    if not isinstance(input, torch.Tensor) or input.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"input must be a float tensor (float32, float16, bfloat16), got {_describe(input)}")
+    if input.dim() < 1:
+        raise ValueError("input must have shape (..., D), got a 0-d tensor")
+    if not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be a (C, D) tensor, got {_describe(linear_weight)}")
+    C, D = linear_weight.shape
+    if C == 0:
+        raise ValueError("linear_weight must have at least one class (row), got shape (0, D)")
+    if input.shape[-1] != D:
+        raise ValueError(
+            f"input has {input.shape[-1]} features (shape {tuple(input.shape)}) but linear_weight "
+            f"has {D} (shape {tuple(linear_weight.shape)}); the last dims must match"
+        )
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must equal input dtype {input.dtype}")
+    if linear_weight.device != input.device:
+        raise ValueError(f"linear_weight is on {linear_weight.device} but input is on {input.device}")
+    if linear_bias is not None:
+        if not isinstance(linear_bias, torch.Tensor) or tuple(linear_bias.shape) != (C,):
+            raise ValueError(f"linear_bias must have shape ({C},), got {_describe(linear_bias)}")
+        if linear_bias.dtype != input.dtype:
+            raise TypeError(f"linear_bias dtype {linear_bias.dtype} must equal input dtype {input.dtype}")
+        if linear_bias.device != input.device:
+            raise ValueError(f"linear_bias is on {linear_bias.device} but input is on {input.device}")
+    return input.reshape(-1, D), linear_weight, linear_bias
+
+
+def _check_target(target, batch_shape, C, device, dense):
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a tensor, got {_describe(target)}")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but input is on {device}")
+    if dense:
+        expected = (*batch_shape, C)
+        if tuple(target.shape) != expected:
+            raise ValueError(
+                f"target holds class probabilities (float dtype) and must have shape {expected}, "
+                f"got {tuple(target.shape)}"
+            )
+        return target.reshape(-1, C)
+    if target.dtype == torch.bool or target.is_complex() or target.dtype.is_floating_point:
+        raise TypeError(f"target must be integer class indices or float probabilities, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(batch_shape):
+        raise ValueError(
+            f"target has shape {tuple(target.shape)} but input {tuple(batch_shape) + ('D',)} needs "
+            f"target of shape {tuple(batch_shape)} (class indices) or {(*batch_shape, C)} (probabilities)"
+        )
+    return target.reshape(-1).long()
+
+
+def _check_mixup(target2, lam, target, batch_shape, dense, device):
+    if target2 is None:
+        if lam is not None:
+            raise ValueError("lam was given without target2; mixup needs both")
+        return None, None
+    if dense:
+        raise ValueError("target2 (mixup) needs class-index targets; target holds probabilities")
+    if lam is None:
+        raise ValueError("target2 was given without lam; mixup needs both")
+    if not isinstance(target2, torch.Tensor) or tuple(target2.shape) != tuple(target.shape):
+        raise ValueError(f"target2 must have target's shape {tuple(target.shape)}, got {_describe(target2)}")
+    if target2.dtype.is_floating_point or target2.dtype == torch.bool or target2.device != device:
+        raise TypeError(f"target2 must be integer class indices on {device}, got {_describe(target2)}")
+    n = target.numel()
+    if isinstance(lam, numbers.Real):
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {lam}")
+        lam_rows = torch.full((n,), float(lam), device=device)
+    elif isinstance(lam, torch.Tensor):
+        if lam.numel() == 1:
+            lam_rows = lam.detach().reshape(()).float().expand(n)
+        elif tuple(lam.shape) == tuple(batch_shape) or tuple(lam.shape) == (n,):
+            lam_rows = lam.detach().reshape(n).float()
+        else:
+            raise ValueError(
+                f"lam must be a float or a tensor of shape () or {tuple(batch_shape)}, got {_describe(lam)}"
+            )
+        lam_rows = lam_rows.to(device)
+    else:
+        raise TypeError(f"lam must be a float or a tensor, got {_describe(lam)}")
+    return target2.reshape(-1).long(), lam_rows
+
+
+def _check_class_weight(weight, C, device):
+    if weight is None:
+        return None
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (C,) or not weight.dtype.is_floating_point:
+        raise ValueError(f"weight must be a float tensor of shape ({C},), got {_describe(weight)}")
+    if weight.device != device:
+        raise ValueError(f"weight is on {weight.device} but input is on {device}")
+    return weight.detach().float()
+
+
+def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
+    """One host sync for every data-dependent check; skipped while capturing a graph."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
+    flags = [((t < 0) | (t >= C)) & keep]
+    if t2 is not None:
+        flags += [((t2 < 0) | (t2 >= C)) & keep, ~((lam_rows >= 0) & (lam_rows <= 1))]
+    bad = torch.stack([f.any() for f in flags]).tolist()
+    if bad[0]:
+        value = t[flags[0]][0].item()
+        raise ValueError(f"target contains {value}, outside [0, {C}) and not ignore_index={ignore_index}")
+    if t2 is not None and bad[1]:
+        value = t2[flags[1]][0].item()
+        raise ValueError(f"target2 contains {value}, outside [0, {C}) on a row that is not ignored")
+    if t2 is not None and bad[2]:
+        raise ValueError("lam must lie in [0, 1] on every row")
+
+
+def _check_scale(scale, device) -> torch.Tensor:
+    if scale is None:
+        return torch.ones(1, device=device)
+    if isinstance(scale, numbers.Real):
+        return torch.full((1,), float(scale), device=device)
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
+        raise ValueError(f"scale must be a float or a 1-element float tensor, got {_describe(scale)}")
+    if scale.device != device:
+        raise ValueError(f"scale is on {scale.device} but input is on {device}")
+    return scale.reshape(1).float()
+
+
+def _describe(obj) -> str:
+    if isinstance(obj, torch.Tensor):
+        return f"tensor of shape {tuple(obj.shape)} and dtype {obj.dtype} on {obj.device}"
+    return f"{type(obj).__name__} {obj!r}"

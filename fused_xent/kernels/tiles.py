@@ -1,0 +1,125 @@
+"""Tile helpers shared by the forward and backward kernels (see ``formulation``)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def logit_tile(
+    X,
+    W,
+    Bias,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    D,
+    stride_xn,
+    stride_xd,
+    stride_wc,
+    stride_wd,
+    scale,
+    softcap,
+    HAS_BIAS: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``z = softcap(scale * X[rows] @ W[cols].T + b[cols])`` as a (BLOCK_N, BLOCK_C) fp32 tile.
+
+    ``rows`` and ``cols`` are int64 so that ``row * stride`` never wraps.
+    """
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_mask = ds < D
+        x = tl.load(
+            X + rows[:, None] * stride_xn + ds[None, :] * stride_xd, mask=row_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        w = tl.load(
+            W + cols[:, None] * stride_wc + ds[None, :] * stride_wd, mask=col_mask[:, None] & d_mask[None, :], other=0.0
+        )
+        if UPCAST:  # the CPU interpreter mis-multiplies bf16 operands
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    z = acc * scale
+    if HAS_BIAS:
+        z += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        # tanh through exp: saturates to +-1 without overflow for large |z|
+        z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
+    return z
+
+
+@triton.jit
+def target_tile(
+    Y1,
+    K1,
+    Y2,
+    K2,
+    E,
+    Dn,
+    A,
+    T,
+    rows,
+    row_mask,
+    cols,
+    col_mask,
+    stride_tn,
+    stride_tc,
+    HAS_HARD: tl.constexpr,
+    HAS_Y2: tl.constexpr,
+    HAS_DENSE: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+):
+    """``tt[rows, cols] = k1 [c == y1] + k2 [c == y2] + a_c (e + d * T)``, 0 outside C."""
+    e = tl.load(E + rows, mask=row_mask, other=0.0)
+    base = e[:, None] + tl.zeros([1, 1], dtype=tl.float32)
+    if HAS_DENSE:
+        dn = tl.load(Dn + rows, mask=row_mask, other=0.0)
+        t = tl.load(
+            T + rows[:, None] * stride_tn + cols[None, :] * stride_tc,
+            mask=row_mask[:, None] & col_mask[None, :],
+            other=0.0,
+        )
+        base = base + dn[:, None] * t.to(tl.float32)
+    if HAS_WEIGHT:
+        base = base * tl.load(A + cols, mask=col_mask, other=0.0)[None, :]
+    tt = tl.where(col_mask[None, :], base, 0.0)
+    if HAS_HARD:
+        y1 = tl.load(Y1 + rows, mask=row_mask, other=-1)
+        k1 = tl.load(K1 + rows, mask=row_mask, other=0.0)
+        tt += tl.where(cols[None, :] == y1[:, None], k1[:, None], 0.0)
+        if HAS_Y2:
+            y2 = tl.load(Y2 + rows, mask=row_mask, other=-1)
+            k2 = tl.load(K2 + rows, mask=row_mask, other=0.0)
+            tt += tl.where(cols[None, :] == y2[:, None], k2[:, None], 0.0)
+    return tt
+
+
+def target_args(rt) -> tuple:
+    """The ``target_tile`` pointers of a ``RowTargets`` (absent ones replaced by ``rt.e``,
+    never read because their flag is off) and its constexpr flags."""
+    e = rt.e
+    pointers = (
+        rt.y1 if rt.y1 is not None else e,
+        rt.k1 if rt.k1 is not None else e,
+        rt.y2 if rt.y2 is not None else e,
+        rt.k2 if rt.k2 is not None else e,
+        e,
+        rt.d if rt.d is not None else e,
+        rt.class_weight if rt.class_weight is not None else e,
+        rt.dense if rt.dense is not None else e,
+    )
+    strides = (rt.dense.stride(0), rt.dense.stride(1)) if rt.dense is not None else (0, 0)
+    flags = dict(
+        HAS_HARD=rt.y1 is not None,
+        HAS_Y2=rt.y2 is not None,
+        HAS_DENSE=rt.dense is not None,
+        HAS_WEIGHT=rt.class_weight is not None,
+    )
+    return pointers, strides, flags

@@ -1,0 +1,75 @@
+"""nn.Module wrappers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fused_xent.functional import linear_cross_entropy
+
+
+class LinearCrossEntropyLoss(nn.Module):
+    """Holds the options of :func:`fused_xent.linear_cross_entropy`.
+
+    ``forward(input, linear_weight, target, linear_bias=None, *, target2=None, lam=None)``
+    returns what the function returns for those tensors and the stored options.
+    """
+
+    def __init__(
+        self,
+        weight: torch.Tensor | None = None,
+        *,
+        reduction: str = "mean",
+        ignore_index: int | None = -100,
+        label_smoothing: float = 0.0,
+        scale: float | None = None,
+        softcap: float | None = None,
+        z_loss: float = 0.0,
+        return_lse: bool = False,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.scale = scale
+        self.softcap = softcap
+        self.z_loss = z_loss
+        self.return_lse = return_lse
+        self.impl = impl
+
+    def forward(
+        self,
+        input: torch.Tensor,
+        linear_weight: torch.Tensor,
+        target: torch.Tensor,
+        linear_bias: torch.Tensor | None = None,
+        *,
+        target2: torch.Tensor | None = None,
+        lam: float | torch.Tensor | None = None,
+    ):
+        return linear_cross_entropy(
+            input,
+            linear_weight,
+            target,
+            linear_bias=linear_bias,
+            weight=self.weight,
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing,
+            scale=self.scale,
+            softcap=self.softcap,
+            z_loss=self.z_loss,
+            target2=target2,
+            lam=lam,
+            return_lse=self.return_lse,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return (
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
+            f"label_smoothing={self.label_smoothing}, scale={self.scale}, softcap={self.softcap}, "
+            f"z_loss={self.z_loss}, impl={self.impl!r}"
+        )

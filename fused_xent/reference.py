@@ -1,0 +1,101 @@
+"""Plain-torch paths: the materialised reference and the chunked CPU/GPU path.
+
+Both evaluate ``fused_xent.formulation`` with torch operations. The reference holds the
+whole (N, C) logit matrix and lets autograd differentiate it; the chunked path holds one
+chunk of rows at a time and computes the gradients itself, with the same signatures as
+the Triton launchers so that ``functional`` can call either.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fused_xent.formulation import RowTargets, XentOptions, apply_softcap, row_loss, target_weights
+
+#: Bytes of fp32 logits (and their gradient) the chunked path may hold at once.
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def matmul_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` with the result (and the accumulation) in fp32 or fp64."""
+    wide = compute_dtype(a.dtype)
+    if a.dtype == wide:
+        return a @ b
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=wide)
+    return a.to(wide) @ b.to(wide)
+
+
+def logits(x, w, b, scale, opts: XentOptions) -> torch.Tensor:
+    """``softcap(scale * x @ w.T + b)`` in the compute dtype, differentiable."""
+    z = matmul_wide(x, w.T) * scale
+    if b is not None:
+        z = z + b.to(z.dtype)
+    return apply_softcap(z, opts.softcap)
+
+
+def _masked_dot(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    # tt = 0 where a row puts no mass: a non-finite logit there must not leak in
+    return torch.where(tt != 0, tt * z, torch.zeros_like(z)).sum(-1)
+
+
+def reference_rows(x, w, b, scale, rt: RowTargets, opts: XentOptions):
+    """Per-row loss and lse with the whole logit matrix materialised (autograd does the rest)."""
+    z = logits(x, w, b, scale, opts)
+    lse = torch.logsumexp(z, dim=-1)
+    lin = _masked_dot(target_weights(rt, w.shape[0]).to(z.dtype), z)
+    return row_loss(lse, lin, rt), lse
+
+
+def chunk_rows(num_classes: int, budget_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that about three (rows, C) fp32 buffers fit in the budget."""
+    return max(1, budget_bytes // (12 * max(num_classes, 1)))
+
+
+def chunked_forward(x, w, b, scale, rt: RowTargets, opts: XentOptions, need_lin: bool = True):
+    """``(lse, lin)`` per row, one chunk of logits at a time."""
+    N = x.shape[0]
+    step = chunk_rows(w.shape[0])
+    lse = torch.empty(N, device=x.device, dtype=compute_dtype(x.dtype))
+    lin = torch.zeros_like(lse)
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        z = logits(x[start:stop], w, b, scale, opts)
+        lse[start:stop] = torch.logsumexp(z, dim=-1)
+        if need_lin:
+            lin[start:stop] = _masked_dot(target_weights(rt.rows(start, stop), w.shape[0]).to(z.dtype), z)
+    return lse, lin
+
+
+def chunked_backward(x, w, b, scale, lse, cp, rt_g: RowTargets, opts, need_dx, need_dw, need_db):
+    """Gradients as ``linear_xent_backward`` returns them: ``dx_raw`` without the scale,
+    ``dw`` with it, all in the compute dtype; logits recomputed one chunk at a time."""
+    N, D = x.shape
+    C = w.shape[0]
+    wide = compute_dtype(x.dtype)
+    dx = torch.zeros((N, D), device=x.device, dtype=wide) if need_dx else None
+    dw = torch.zeros((C, D), device=x.device, dtype=wide) if need_dw else None
+    db = torch.zeros((C,), device=x.device, dtype=wide) if need_db else None
+    w_wide = w.to(wide)
+    step = chunk_rows(C)
+    for start in range(0, N, step):
+        stop = min(start + step, N)
+        z = logits(x[start:stop], w, b, scale, opts)
+        dz = cp[start:stop, None] * torch.exp(z - lse[start:stop, None])
+        dz -= target_weights(rt_g.rows(start, stop), C).to(wide)
+        if opts.softcap is not None:
+            dz *= 1.0 - (z / opts.softcap) ** 2
+        if need_dx:
+            dx[start:stop] = dz @ w_wide
+        if need_dw:
+            dw += dz.T @ x[start:stop].to(wide)
+        if need_db:
+            db += dz.sum(0)
+    if need_dw:
+        dw *= scale.to(wide)
+    return dx, dw, db
