@@ -104,7 +104,11 @@ def build_row_targets(
     dtype: torch.dtype = torch.float32,
 ) -> RowTargets:
     """Per-row coefficients in ``dtype`` from flattened targets: ``target`` (N,) int64 or
-    (N, C) float, ``target2`` (N,) int64, ``lam`` (N,) and ``class_weight`` (C,) in ``dtype``."""
+    (N, C) float, ``target2`` (N,) int64, ``lam`` (N,) and ``class_weight`` (C,) in ``dtype``.
+
+    A kept row whose label lies outside [0, C), or whose ``lam`` lies outside [0, 1], gets
+    ``k1 = NaN`` (and its label replaced by 0, a valid index): its loss and gradients are
+    NaN instead of silently wrong, and no host sync is needed (as under ``torch.compile``)."""
     eps, C = opts.label_smoothing, opts.num_classes
     device = target.device
     a_sum = class_weight.sum() if class_weight is not None else torch.tensor(float(C), device=device, dtype=dtype)
@@ -131,19 +135,22 @@ def build_row_targets(
     keep_f = keep.to(dtype)
 
     def label(t):
-        t = torch.where(keep, t, torch.zeros_like(t))
+        bad = keep & ((t < 0) | (t >= C))
+        t = torch.where(keep & ~bad, t, torch.zeros_like(t))
         a = class_weight[t] if class_weight is not None else torch.ones_like(keep_f)
-        return t, a * keep_f
+        return t, a * keep_f, bad
 
-    y1, a1 = label(target)
+    y1, a1, bad = label(target)
     c1 = lam if lam is not None else torch.ones_like(keep_f)
     k1 = (1.0 - eps) * c1 * a1
     row_weight = c1 * a1
     y2 = k2 = None
     if target2 is not None:
-        y2, a2 = label(target2)
+        y2, a2, bad2 = label(target2)
         k2 = (1.0 - eps) * (1.0 - c1) * a2
         row_weight = row_weight + (1.0 - c1) * a2
+        bad = bad | bad2 | ~((c1 >= 0) & (c1 <= 1))
+    k1 = torch.where(bad, torch.full_like(k1, float("nan")), k1)
     e = (eps / C) * keep_f
     lse_coef = k1 + (k2 if k2 is not None else 0.0) + e * a_sum
     return RowTargets(

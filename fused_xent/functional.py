@@ -122,10 +122,10 @@ def linear_cross_entropy(
     class_weight = _check_class_weight(weight, C, x.device)
     if not dense:
         _check_target_range(t, t2, lam_rows, C, ignore_index)
-    scale_t = _check_scale(scale, x.device)
+    wide = reference.compute_dtype(x.dtype)
+    scale_t = _check_scale(scale, x.device, wide)
 
     opts = XentOptions(num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap)
-    wide = reference.compute_dtype(x.dtype)
     rt = build_row_targets(
         t,
         target2=t2,
@@ -137,7 +137,7 @@ def linear_cross_entropy(
     )
     backend = _choose(impl, x, dense and target.requires_grad)
     if backend is None:
-        rows, lse = reference.reference_rows(x, w, b, scale_t.to(wide), rt, opts)
+        rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     elif torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t)):
         rows, lse = _LinearCrossEntropy.apply(x, w, b, scale_t, rt, opts, backend)
     else:
@@ -278,7 +278,7 @@ def _check_class_weight(weight, C, device):
         raise ValueError(f"weight must be a float tensor of shape ({C},), got {_describe(weight)}")
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but input is on {device}")
-    return weight.detach().float()
+    return weight.detach()
 
 
 def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
@@ -302,16 +302,16 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
         raise ValueError("lam must lie in [0, 1] on every row")
 
 
-def _check_scale(scale, device) -> torch.Tensor:
+def _check_scale(scale, device, dtype) -> torch.Tensor:
     if scale is None:
-        return torch.ones(1, device=device)
+        return torch.ones(1, device=device, dtype=dtype)
     if isinstance(scale, numbers.Real):
-        return torch.full((1,), float(scale), device=device)
+        return torch.full((1,), float(scale), device=device, dtype=dtype)
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
         raise ValueError(f"scale must be a float or a 1-element float tensor, got {_describe(scale)}")
     if scale.device != device:
         raise ValueError(f"scale is on {scale.device} but input is on {device}")
-    return scale.reshape(1).float()
+    return scale.reshape(1).to(dtype)
 
 
 def _describe(obj) -> str:

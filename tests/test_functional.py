@@ -1,0 +1,263 @@
+"""linear_cross_entropy against torch's own F.cross_entropy on float64 logits, for every
+backend on CPU (the Triton kernels through the interpreter) over awkward shapes and the
+option matrix of SPEC section 2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_reference import rel_err, torch_linear_xent
+
+import fused_xent
+from fused_xent import linear_cross_entropy
+
+DEVICE = "cuda" if torch.cuda.is_available() and not torch.version.hip else "cpu"
+CPU_IMPLS = ["chunked", "triton", "reference"]
+
+
+def make_problem(N, D, C, dtype, *, lead=None, bias=False, weight=False, dense=False, ignore=0, seed=0, device="cpu"):
+    """Fresh random inputs, rounded to ``dtype``; targets with ``ignore`` rows ignored."""
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (N,)
+    x = torch.randn(*shape, D, generator=g, dtype=torch.float64)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64) / D**0.5
+    b = torch.randn(C, generator=g, dtype=torch.float64) * 0.5 if bias else None
+    if dense:
+        y = torch.softmax(torch.randn(*shape, C, generator=g, dtype=torch.float64) * 2, -1)
+    else:
+        y = torch.randint(0, C, shape, generator=g)
+        if ignore:
+            y.view(-1)[torch.randperm(y.numel(), generator=g)[:ignore]] = -100
+    cw = torch.rand(C, generator=g, dtype=torch.float64) + 0.5 if weight else None
+    to = dict(device=device)
+    x, w = x.to(dtype).to(**to), w.to(dtype).to(**to)
+    b = b.to(dtype).to(**to) if b is not None else None
+    return x, w, b, y.to(**to), (cw.to(**to) if cw is not None else None)
+
+
+def check(impl, dtype, N, D, C, *, reduction="mean", lead=None, bias=False, weight=False, dense=False, ignore=0,
+          noncontig=False, device="cpu", seed=0, **opts):  # fmt: skip
+    """Value and every gradient of fused vs torch (float64), and the bound for low precision:
+    the fused error is at most twice torch's own error in ``dtype`` (plus a float32 floor)."""
+    x, w, b, y, cw = make_problem(N, D, C, dtype, lead=lead, bias=bias, weight=weight, dense=dense, ignore=ignore,
+                                  seed=seed, device=device)  # fmt: skip
+    if noncontig:  # same values, a strided view
+        x = torch.cat([x, x], dim=-1)[..., ::2].clone().contiguous()
+        x = x.transpose(0, -1).contiguous().transpose(0, -1) if x.dim() == 2 else x
+        assert x.dim() != 2 or not x.is_contiguous()
+    scale = opts.pop("scale", None)
+    learn_scale = isinstance(scale, torch.Tensor)
+    want_lse = opts.pop("return_lse", False)
+    if dense:
+        y = y.to(dtype if dtype != torch.float64 else torch.float64)
+
+    def leaves(dt):
+        ts = [t.detach().to(dt).requires_grad_() if t is not None else None for t in (x, w, b)]
+        s = scale.detach().to(dt).requires_grad_() if learn_scale else scale
+        return (*ts, s)
+
+    def run(fn, xx, ww, bb, ss, dt):
+        cw_ = cw.to(dt) if cw is not None else None
+        yy = y.to(dt) if dense else y
+        out = fn(xx, ww, yy, bb, ss, cw_)
+        loss, lse = out if want_lse else (out, None)
+        gl = torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(loss)
+        total = (loss * gl).sum()
+        if want_lse:
+            gs = torch.randn(lse.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(lse)
+            total = total + (lse * gs).sum()
+        grads = torch.autograd.grad(
+            total, [t for t in (xx, ww, bb, ss) if isinstance(t, torch.Tensor)], allow_unused=True
+        )
+        return loss, lse, grads
+
+    def fused(xx, ww, yy, bb, ss, cw_):
+        return linear_cross_entropy(xx, ww, yy, linear_bias=bb, weight=cw_, reduction=reduction, scale=ss,
+                                    return_lse=want_lse, impl=impl, **opts)  # fmt: skip
+
+    def torch_ref(xx, ww, yy, bb, ss, cw_):
+        return torch_linear_xent(xx, ww, yy, b=bb, weight=cw_, reduction=reduction, scale=ss,
+                                 return_lse=want_lse, **opts)  # fmt: skip
+
+    ref = run(torch_ref, *leaves(torch.float64), torch.float64)
+    got = run(fused, *leaves(dtype), dtype)
+    floor = 1e-11 if dtype == torch.float64 else 2e-6
+    if dtype in (torch.float16, torch.bfloat16):
+        low = run(torch_ref, *leaves(dtype), torch.float32)
+        bounds = [2 * rel_err(a, r) + floor for a, r in zip(low[2], ref[2])]
+    else:
+        bounds = [floor * 10] * len(ref[2])
+    assert got[0].shape == ref[0].shape
+    assert rel_err(got[0], ref[0]) <= floor * 10, (got[0], ref[0])
+    if want_lse:
+        assert rel_err(got[1], ref[1]) <= floor * 10
+    for name, gg, rr, bound in zip("x w b s".split(), got[2], ref[2], bounds):
+        assert gg is not None and gg.dtype == (dtype if name != "s" else gg.dtype), name
+        assert rel_err(gg, rr) <= bound, (name, rel_err(gg, rr), bound)
+    return got
+
+
+SHAPES = [(37, 19, 101), (1, 7, 3), (64, 33, 130)]
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("N,D,C", SHAPES)
+def test_plain(impl, N, D, C):
+    check(impl, torch.float32, N, D, C)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_smoothing_ignore_bias(impl, reduction):
+    check(impl, torch.float32, 37, 19, 101, reduction=reduction, bias=True, weight=True, ignore=5, label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_probability_targets(impl, reduction):
+    check(impl, torch.float32, 29, 17, 70, reduction=reduction, dense=True, weight=True, label_smoothing=0.2, bias=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_leading_dims_and_strided_input(impl):
+    check(impl, torch.float32, 0, 9, 45, lead=(3, 5), reduction="none", ignore=2)
+    check(impl, torch.float32, 21, 9, 45, noncontig=True, bias=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_every_row_ignored(impl, reduction):
+    x, w, b, y, _ = make_problem(8, 5, 11, torch.float32, bias=True)
+    x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+    y = torch.full_like(y, -100)
+    loss = linear_cross_entropy(x, w, y, linear_bias=b, reduction=reduction, label_smoothing=0.1, impl=impl)
+    ref = F.cross_entropy(F.linear(x.double(), w.double(), b.double()), y, reduction=reduction, label_smoothing=0.1)
+    assert torch.equal(torch.isnan(loss), torch.isnan(ref))
+    if reduction == "mean":
+        assert torch.isnan(loss)
+        loss.backward()
+    else:
+        assert torch.all(loss == 0)
+        loss.sum().backward()
+    for t in (x, w, b):
+        assert torch.all(t.grad == 0)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_scale_softcap_zloss(impl):
+    check(impl, torch.float32, 37, 19, 101, bias=True, scale=torch.tensor(2.5), softcap=4.0, z_loss=1e-2)
+    check(impl, torch.float32, 37, 19, 101, scale=0.7, softcap=30.0, label_smoothing=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_mixup(impl):
+    g = torch.Generator().manual_seed(3)
+    y2 = torch.randint(0, 101, (37,), generator=g)
+    check(impl, torch.float32, 37, 19, 101, target2=y2, lam=0.3, label_smoothing=0.1)
+    lam = torch.rand(37, generator=g, dtype=torch.float64)
+    check(impl, torch.float32, 37, 19, 101, target2=y2, lam=lam.float(), weight=True, ignore=4, reduction="mean")
+    check(impl, torch.float32, 37, 19, 101, target2=y2, lam=lam.float(), reduction="none", bias=True)
+
+
+@pytest.mark.parametrize("impl", CPU_IMPLS)
+def test_return_lse_is_differentiable(impl):
+    check(impl, torch.float32, 37, 19, 101, return_lse=True, reduction="none", ignore=3, bias=True)
+
+
+@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_torch_error(impl, dtype):
+    check(impl, dtype, 64, 33, 130, bias=True, label_smoothing=0.1, ignore=3)
+
+
+def test_float64_chunked_is_exact():
+    check("chunked", torch.float64, 37, 19, 101, bias=True, weight=True, label_smoothing=0.1, ignore=5,
+          scale=torch.tensor(1.3, dtype=torch.float64), z_loss=1e-3)  # fmt: skip
+
+
+def test_chunked_bounds_memory_by_chunks(monkeypatch):
+    from fused_xent import reference
+
+    monkeypatch.setattr(reference, "DEFAULT_CHUNK_BYTES", 12 * 101 * 5)  # five rows per chunk
+    assert reference.chunk_rows(101, reference.DEFAULT_CHUNK_BYTES) == 5
+    check("chunked", torch.float32, 37, 19, 101, bias=True, label_smoothing=0.1, ignore=4)
+
+
+def test_nan_row_gives_nan_for_that_row():
+    for impl in CPU_IMPLS:
+        x, w, _, y, _ = make_problem(6, 5, 11, torch.float32)
+        x[2, 1] = float("nan")
+        loss = linear_cross_entropy(x, w, y, reduction="none", impl=impl)
+        assert torch.isnan(loss[2]) and torch.isfinite(loss[[0, 1, 3, 4, 5]]).all(), impl
+
+
+def test_inputs_are_never_modified():
+    x, w, b, y, cw = make_problem(17, 9, 23, torch.float32, bias=True, weight=True, ignore=3)
+    saved = [t.clone() for t in (x, w, b, y, cw)]
+    for impl in CPU_IMPLS:
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        linear_cross_entropy(xx, ww, y, linear_bias=bb, weight=cw, label_smoothing=0.1, impl=impl).backward()
+        assert all(torch.equal(a, b_) for a, b_ in zip((xx, ww, bb, y, cw), saved))
+
+
+def test_forward_only_matches_training_forward():
+    x, w, b, y, _ = make_problem(37, 19, 101, torch.float32, bias=True)
+    for impl in CPU_IMPLS:
+        with torch.no_grad():
+            a = linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl)
+        bb = linear_cross_entropy(x.requires_grad_(), w, y, linear_bias=b, label_smoothing=0.1, impl=impl)
+        x.requires_grad_(False)
+        assert torch.allclose(a, bb.detach(), rtol=1e-6)
+
+
+def test_module_matches_function():
+    x, w, b, y, cw = make_problem(17, 9, 23, torch.float32, bias=True, weight=True, ignore=3)
+    mod = fused_xent.LinearCrossEntropyLoss(cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+    fn = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
+    assert torch.equal(mod(x, w, y, b), fn)
+    assert "label_smoothing=0.1" in repr(mod)
+
+
+BAD_INPUTS = [
+    (dict(w=torch.randn(11, 7)), ValueError, "features"),
+    (dict(y=torch.randint(0, 11, (5,))), ValueError, "target has shape"),
+    (dict(y=torch.randn(8, 10)), ValueError, "target holds class probabilities"),
+    (dict(y=torch.full((8,), 11)), ValueError, "target contains 11"),
+    (dict(y=torch.full((8,), -3)), ValueError, "target contains -3"),
+    (dict(y=torch.zeros(8, dtype=torch.bool)), TypeError, "target must be"),
+    (dict(kw=dict(linear_bias=torch.randn(10))), ValueError, "linear_bias must have shape"),
+    (dict(kw=dict(weight=torch.rand(12))), ValueError, "weight must be"),
+    (dict(kw=dict(reduction="avg")), ValueError, "reduction must be"),
+    (dict(kw=dict(label_smoothing=1.5)), ValueError, "label_smoothing"),
+    (dict(kw=dict(label_smoothing=-0.1)), ValueError, "label_smoothing"),
+    (dict(kw=dict(softcap=0.0)), ValueError, "softcap"),
+    (dict(kw=dict(z_loss=-1.0)), ValueError, "z_loss"),
+    (dict(kw=dict(impl="cuda")), ValueError, "impl must be"),
+    (dict(kw=dict(scale=torch.ones(3))), ValueError, "scale must be"),
+    (dict(kw=dict(target2=torch.zeros(8, dtype=torch.long))), ValueError, "lam"),
+    (dict(kw=dict(target2=torch.full((8,), 99), lam=0.5)), ValueError, "target2 contains 99"),
+    (dict(kw=dict(target2=torch.zeros(8, dtype=torch.long), lam=1.5)), ValueError, "lam must be in"),
+    (dict(kw=dict(target2=torch.zeros(8, dtype=torch.long), lam=torch.rand(3))), ValueError, "lam must be"),
+    (dict(w=torch.randn(11, 6).double()), TypeError, "linear_weight dtype"),
+    (dict(x=torch.randn(8, 6).int()), TypeError, "input must be a float tensor"),
+    (dict(w=torch.randn(11)), ValueError, "linear_weight must be a (C, D)"),
+    (dict(w=torch.randn(0, 6)), ValueError, "at least one class"),
+]
+
+
+@pytest.mark.parametrize("impl", ["chunked", "triton"])
+@pytest.mark.parametrize("case", range(len(BAD_INPUTS)))
+def test_bad_input_names_the_argument(impl, case):
+    args, err, match = BAD_INPUTS[case]
+    x = args.get("x", torch.randn(8, 6))
+    w = args.get("w", torch.randn(11, 6))
+    y = args.get("y", torch.randint(0, 11, (8,)))
+    with pytest.raises(err, match=match.replace("(", r"\(").replace(")", r"\)")):
+        linear_cross_entropy(x, w, y, **{"impl": impl, **args.get("kw", {})})
+
+
+def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), impl="triton")
