@@ -1,0 +1,308 @@
+"""The causal-LM loss of any Hugging Face ``*ForCausalLM`` without its logit matrix.
+
+One code path for every family, through the model's public pieces only:
+
+- the model's own ``forward`` runs with ``labels=None`` and ``logits_to_keep`` set to no
+  position (or one position, on the first call, to check the head; see below), so the head
+  projects nothing; a forward hook on ``model.base_model`` keeps its last hidden state
+  ``h`` (B, T, D);
+- the head is ``model.get_output_embeddings()``: weight W (V, D), tied or not, bias b or None;
+- the logits transformers would form are ``z = softcap(s * (h @ W.T + b))`` with
+  ``softcap`` from ``config.final_logit_softcapping`` (Gemma 2 and later) and the scale ``s``
+  from the logit-scaling fields (:data:`LOGIT_SCALE_FIELDS`);
+- the loss is ``ForCausalLMLoss``'s: position t predicts ``labels[t + 1]``, ``-100`` is
+  ignored, the mean over kept tokens, or their sum over ``num_items_in_batch`` when given;
+  a MoE model's ``router_aux_loss_coef * aux_loss`` is added as its forward adds it.
+
+Nothing copies a family's ``forward``. The first call for a model compares the logits the
+model itself returns for the last position with ``z`` above and raises if they differ, so a
+family that transforms its logits in a way this module does not know fails loudly instead
+of training on a different loss.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fused_xent.functional import linear_cross_entropy
+
+IGNORE_INDEX = -100
+
+#: Config fields that scale the head's output before the loss, and how transformers 5.x
+#: applies each: ``True`` multiplies (Cohere's ``logit_scale``, Falcon-H1's
+#: ``lm_head_multiplier``), ``False`` divides (Granite's ``logits_scaling``).
+LOGIT_SCALE_FIELDS = {"logit_scale": True, "logits_scaling": False, "lm_head_multiplier": True}
+
+#: Largest ``max|z_model - z| / max|z_model|`` the head check accepts, per dtype: the rounding
+#: of one GEMM and one elementwise op in that dtype; a missed scale or softcap is far above.
+_HEAD_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
+
+_CHECKED: weakref.WeakSet = weakref.WeakSet()
+_ORIGINAL_FORWARD = "_fused_xent_original_forward"
+
+
+@dataclass(frozen=True)
+class LMHead:
+    """What a causal LM's head computes: ``logits = softcap(scale * (h @ weight.T + bias))``."""
+
+    weight: torch.Tensor  # (V, D)
+    bias: torch.Tensor | None  # (V,)
+    scale: float
+    softcap: float | None
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """``softcap(scale * (h @ weight.T + bias))`` in fp32 (fp64 for fp64), materialised:
+        (..., D) -> (..., V). For the head check only."""
+        z = nn.functional.linear(h, self.weight, self.bias)
+        z = z.double() if z.dtype == torch.float64 else z.float()
+        z = z * self.scale
+        return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
+
+
+def read_head(model: nn.Module) -> LMHead:
+    """The head of a transformers causal LM: ``get_output_embeddings()`` and the config's
+    ``final_logit_softcapping`` and logit-scaling fields (model config or its text config).
+
+    Raises:
+        ValueError: the model has no readable output embeddings.
+    """
+    name = type(model).__name__
+    if not hasattr(model, "get_output_embeddings") or not hasattr(model, "config"):
+        raise ValueError(f"model must be a transformers PreTrainedModel with a language-model head, got {name}")
+    head = model.get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(
+            f"cannot read the LM head of {name}: get_output_embeddings() returned {type(head).__name__}, "
+            "expected a module with a (vocab_size, hidden_size) weight such as nn.Linear"
+        )
+    bias = getattr(head, "bias", None)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        raise ValueError(f"cannot read the LM head of {name}: its bias is not a ({weight.shape[0]},) tensor")
+    configs = [model.config]
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if text_config is not model.config:
+        configs.append(text_config)
+    scale, softcap = 1.0, None
+    for config in configs:
+        for field, multiplies in LOGIT_SCALE_FIELDS.items():
+            value = getattr(config, field, None)
+            if value is not None:
+                scale = scale * value if multiplies else scale / value
+        cap = getattr(config, "final_logit_softcapping", None)
+        softcap = cap if cap is not None else softcap
+    return LMHead(weight=weight, bias=bias, scale=float(scale), softcap=None if softcap is None else float(softcap))
+
+
+def causal_lm_loss(
+    model: nn.Module,
+    input_ids: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    **model_kwargs,
+) -> torch.Tensor:
+    """``model(input_ids, attention_mask=..., labels=labels, ...).loss`` without the logits.
+
+    ``loss = sum_{b,t: y_bt != -100} (lse(z_bt) - z_bt[y_bt]) / n`` with ``y_bt =
+    labels[b, t + 1]`` (the last position predicts nothing), ``z = softcap(s * (h @ W.T +
+    b))`` from :func:`read_head`, and ``n`` the number of kept tokens, or
+    ``num_items_in_batch`` when given (transformers' gradient-accumulation-aware sum).
+
+    Args:
+        model: a transformers causal LM (``*ForCausalLM`` or any model whose ``forward``
+            takes ``logits_to_keep`` and whose head is ``get_output_embeddings()``), patched
+            by :func:`patch_model` or not.
+        input_ids: (B, T) token ids, or None with ``inputs_embeds`` in ``model_kwargs``.
+        labels: (B, T) int64 target ids, ``-100`` where ignored; unshifted, as for the model.
+        attention_mask: (B, T), passed to the model.
+        num_items_in_batch: number of target tokens over the whole (accumulated) batch.
+        model_kwargs: passed to the model's ``forward`` (``position_ids``, ``inputs_embeds``,
+            ``token_type_ids``, ...); ``shift_labels`` (B, T) replaces the shifted ``labels``
+            as in transformers.
+
+    Returns:
+        The scalar loss, fp32 (fp64 for a float64 model), differentiable with respect to
+        every parameter the model's own loss reaches. Under ``torch.no_grad()`` it is a
+        single forward pass with no logits (perplexity: ``loss.exp()``).
+    """
+    if labels is None and model_kwargs.get("shift_labels") is None:
+        raise ValueError("causal_lm_loss needs labels (B, T): the next-token targets, -100 where ignored")
+    _, loss = _fused_forward(
+        model, _original_forward(model), input_ids, labels, attention_mask, num_items_in_batch, model_kwargs
+    )
+    return loss
+
+
+def patch_model(model: nn.Module) -> nn.Module:
+    """Make ``model(..., labels=labels)`` compute its loss with :func:`causal_lm_loss`.
+
+    With labels the output is the model's usual output class with ``loss`` set and
+    ``logits`` None (the logits are never formed); without labels the call goes to the
+    original ``forward`` unchanged. The signature seen by ``inspect`` (and so by
+    ``transformers.Trainer``) is the original's. Patching twice is a no-op.
+
+    Returns:
+        ``model`` itself, patched in place; :func:`unpatch_model` undoes it.
+    """
+    if hasattr(model, _ORIGINAL_FORWARD):
+        return model
+    original = model.forward
+    read_head(model)
+    _check_logits_to_keep(model, original)
+    names = list(inspect.signature(original).parameters)
+    labels_at = names.index("labels") if "labels" in names else len(names)
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        if len(args) > len(names):
+            raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
+        if kwargs.get("labels") is None and (len(args) <= labels_at or args[labels_at] is None):
+            return original(*args, **kwargs)
+        kwargs = {**dict(zip(names, args, strict=False)), **kwargs}
+        labels = kwargs.pop("labels")
+        input_ids = kwargs.pop("input_ids", None)
+        attention_mask = kwargs.pop("attention_mask", None)
+        num_items = kwargs.pop("num_items_in_batch", None)
+        output, _ = _fused_forward(model, original, input_ids, labels, attention_mask, num_items, kwargs)
+        return output
+
+    setattr(model, _ORIGINAL_FORWARD, original)
+    model.forward = forward
+    return model
+
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_model`; returns ``model``."""
+    if hasattr(model, _ORIGINAL_FORWARD):
+        del model.forward
+        delattr(model, _ORIGINAL_FORWARD)
+    return model
+
+
+def _original_forward(model: nn.Module):
+    return getattr(model, _ORIGINAL_FORWARD, model.forward)
+
+
+def _check_logits_to_keep(model: nn.Module, forward) -> None:
+    if "logits_to_keep" not in inspect.signature(forward).parameters:
+        raise ValueError(
+            f"{type(model).__name__}.forward takes no logits_to_keep argument, so it cannot run without "
+            "forming every logit; fused_xent supports causal LMs whose forward slices the hidden states "
+            "with logits_to_keep (every transformers *ForCausalLM built on the generation API)"
+        )
+
+
+def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_in_batch, kwargs):
+    """Run ``forward`` without logits, then the fused loss; returns (output with loss, loss)."""
+    head = read_head(model)
+    _check_logits_to_keep(model, forward)
+    if kwargs.get("logits_to_keep") not in (None, 0):
+        raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position")
+    kwargs.pop("logits_to_keep", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    user_return_dict = kwargs.pop("return_dict", None)
+    targets = _shift(labels, shift_labels)
+    base = model.base_model
+    if base is model:
+        raise ValueError(f"cannot find the base model of {type(model).__name__}: model.base_model is the model itself")
+
+    check = model not in _CHECKED
+    positions = torch.arange(targets.shape[-1] - 1, targets.shape[-1]) if check else torch.empty(0, dtype=torch.long)
+    captured = []
+    handle = base.register_forward_hook(lambda module, args, out: captured.append(_last_hidden_state(out)))
+    try:
+        output = forward(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            logits_to_keep=positions.to(targets.device),
+            return_dict=True,
+            **kwargs,
+        )
+    finally:
+        handle.remove()
+    if not captured:
+        raise ValueError(f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward")
+    h = captured[-1]
+    if tuple(h.shape[:-1]) != tuple(targets.shape):
+        raise ValueError(
+            f"labels have shape {tuple(targets.shape)} but the model's hidden states have shape {tuple(h.shape)}; "
+            "labels must be (batch, sequence) like input_ids"
+        )
+    if check:
+        _check_head(model, head, h[:, positions.to(h.device)], output.logits)
+        _CHECKED.add(model)
+
+    bias = head.bias if head.bias is None or head.scale == 1.0 else head.bias * head.scale
+    loss = linear_cross_entropy(
+        h,
+        head.weight,
+        targets.to(h.device),
+        linear_bias=bias,
+        reduction="mean" if num_items_in_batch is None else "sum",
+        ignore_index=IGNORE_INDEX,
+        scale=None if head.scale == 1.0 else head.scale,
+        softcap=head.softcap,
+    )
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(loss.device)
+        loss = loss / num_items_in_batch
+    loss = loss + _router_aux_loss(model, output, loss.device)
+
+    fields = {k: v for k, v in output.items() if k != "logits"}
+    output = type(output)(**{**fields, "loss": loss})
+    if user_return_dict is False or (user_return_dict is None and not getattr(model.config, "return_dict", True)):
+        output = output.to_tuple()
+    return output, loss
+
+
+def _shift(labels, shift_labels) -> torch.Tensor:
+    """Targets per position: ``labels[:, t + 1]``, -100 at the last position, as transformers shifts."""
+    if shift_labels is not None:
+        return shift_labels
+    if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() < 1:
+        raise ValueError(f"labels must be an integer tensor of shape (B, T), got {labels!r}")
+    return nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+
+
+def _last_hidden_state(out) -> torch.Tensor:
+    h = getattr(out, "last_hidden_state", None)
+    return h if h is not None else out[0]
+
+
+def _check_head(model, head: LMHead, h_kept: torch.Tensor, model_logits: torch.Tensor | None) -> None:
+    """Raise unless the model's own logits at the kept positions equal ``head.logits``."""
+    name = type(model).__name__
+    if model_logits is None or tuple(model_logits.shape[:-1]) != tuple(h_kept.shape[:-1]):
+        raise ValueError(f"{name}.forward did not return the logits of the positions in logits_to_keep")
+    with torch.no_grad():
+        ref = model_logits.to(torch.float64 if model_logits.dtype == torch.float64 else torch.float32)
+        ours = head.logits(h_kept)
+        diff = torch.where(ref.isnan() & ours.isnan(), 0.0, (ref - ours).abs())  # a row NaN in both agrees
+        err = (diff.max() / ref.nan_to_num(0.0).abs().max().clamp_min(1e-30)).item()
+    if not err <= _HEAD_CHECK_TOL.get(h_kept.dtype, 3e-2):
+        raise ValueError(
+            f"{name}'s logits differ from softcap(scale * (h @ W.T + b)) with scale={head.scale}, "
+            f"softcap={head.softcap} read from its config (relative error {err:.3g}): the model transforms its "
+            "hidden states or logits in a way fused_xent does not know, so it cannot compute this model's loss"
+        )
+
+
+def _router_aux_loss(model, output, device) -> torch.Tensor | float:
+    """``router_aux_loss_coef * aux_loss`` when the output carries a MoE load-balancing loss."""
+    aux = getattr(output, "aux_loss", None)
+    if aux is None:
+        return 0.0
+    coef = getattr(model, "router_aux_loss_coef", None)
+    if coef is None:
+        coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", None)
+    if coef is None:
+        raise ValueError(f"{type(model).__name__} returned an aux_loss but has no router_aux_loss_coef to weigh it")
+    return coef * aux.to(device)
