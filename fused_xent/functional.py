@@ -7,6 +7,7 @@ dimensions, picks a backend and wires autograd.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from fused_xent import reference
-from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, prob_coef, row_loss
+from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
 
-IMPLS = ("auto", "triton", "chunked", "reference")
+IMPLS = ("auto", "triton", "lean", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -28,6 +29,7 @@ class Backend:
     name: str
     forward: Callable
     backward: Callable
+    forward_only: Callable | None = None  # a leaner forward for calls that need no gradient
 
 
 def _triton_backend() -> Backend:
@@ -40,29 +42,131 @@ def _triton_backend() -> Backend:
 CHUNKED = Backend("chunked", reference.chunked_forward, reference.chunked_backward)
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Per-row loss and lse; the backward recomputes logits through the backend."""
+def _class_chunked_backend() -> Backend:
+    from fused_xent.kernels.class_chunked import class_chunked_backward, class_chunked_forward
+    from fused_xent.kernels.linear_xent_forward import linear_xent_forward
 
-    @staticmethod
-    def forward(ctx, x, w, b, scale, rt: RowTargets, opts: XentOptions, backend: Backend):
-        lse, lin = backend.forward(x, w, b, scale, rt, opts)
-        ctx.save_for_backward(x, w, b, scale, lse)
-        ctx.rt, ctx.opts, ctx.backend = rt, opts, backend
-        return row_loss(lse, lin, rt), lse
+    # training recomputes chunks through cuBLAS; a forward without grad streams with no logits at all
+    return Backend("class_chunked", class_chunked_forward, class_chunked_backward, linear_xent_forward)
 
-    @staticmethod
-    def backward(ctx, g, g_lse):
-        x, w, b, scale, lse = ctx.saved_tensors
-        rt = ctx.rt
-        # rows without target mass (ignored) get no gradient, even when the mean is 0/0
-        g = torch.where((rt.lse_coef != 0) | (rt.zl != 0), g, torch.zeros_like(g))
-        need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
-        dx_raw, dw, db = ctx.backend.backward(
-            x, w, b, scale, lse, prob_coef(g, g_lse, lse, rt), rt.scaled(g), ctx.opts, need_x or need_s, need_w, need_b
-        )
-        dx = (dx_raw * scale).to(x.dtype) if need_x else None
-        dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
-        return dx, dw.to(w.dtype) if need_w else None, db.to(b.dtype) if need_b else None, dscale, None, None, None
+
+#: Every backend ``_choose`` can return, by name: the custom ops below receive the name.
+_BACKENDS = {"chunked": lambda: CHUNKED, "triton": _triton_backend, "class_chunked": _class_chunked_backend}
+
+
+# The backends run inside two custom ops, so that torch.compile(fullgraph=True) sees one
+# opaque node per pass (shapes from the fake implementations) instead of Triton launches
+# and Python loops. A dataclass cannot cross an op boundary: RowTargets travels as the list
+# of its fields, XentOptions as its scalars, the backend as its name.
+
+
+_TARGET_FIELDS = tuple(field.name for field in dataclasses.fields(RowTargets))
+
+
+def _targets_args(rt: RowTargets) -> list[torch.Tensor | None]:
+    return [getattr(rt, name) for name in _TARGET_FIELDS]
+
+
+def _options_args(opts: XentOptions) -> tuple:
+    return opts.num_classes, opts.label_smoothing, opts.z_loss, opts.softcap
+
+
+def _rows_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=reference.compute_dtype(x.dtype))
+
+
+@torch.library.custom_op("fused_xent::linear_xent_forward", mutates_args=())
+def _forward_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: torch.Tensor,
+    targets: list[torch.Tensor | None],
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+    need_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``backend.forward`` on flat arguments (its ``forward_only`` when no backward follows):
+    ``(lse, lin)``, each (N,) in the compute dtype."""
+    if x.shape[0] == 0:
+        return _rows_like(x), _rows_like(x)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    chosen = _BACKENDS[backend]()
+    forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
+    with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
+        return forward(x, w, b, scale, rt, opts)
+
+
+@_forward_op.register_fake
+def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
+    return _rows_like(x), _rows_like(x)
+
+
+@torch.library.custom_op("fused_xent::linear_xent_backward", mutates_args=())
+def _backward_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: torch.Tensor,
+    lse: torch.Tensor,
+    cp: torch.Tensor,
+    targets: list[torch.Tensor | None],
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``backend.backward`` on flat arguments: ``(dx_raw, dw, db)`` in the compute dtype,
+    an empty tensor for each one not needed."""
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    with torch.autocast(x.device.type, enabled=False):
+        grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db)
+    return tuple(g if g is not None else x.new_empty((0,), dtype=reference.compute_dtype(x.dtype)) for g in grads)
+
+
+@_backward_op.register_fake
+def _(
+    x, w, b, scale, lse, cp, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_dx, need_dw, need_db
+):
+    (N, D), C = x.shape, w.shape[0]
+
+    def out(needed: bool, *shape: int) -> torch.Tensor:
+        return x.new_empty(shape if needed else (0,), dtype=reference.compute_dtype(x.dtype))
+
+    return out(need_dx, N, D), out(need_dw, C, D), out(need_db, C)
+
+
+def _setup_forward(ctx, inputs, output):
+    x, w, b, scale, targets, *options, backend, _ = inputs
+    ctx.save_for_backward(x, w, b, scale, output[0], *targets)
+    ctx.options, ctx.backend = options, backend
+
+
+def _forward_op_backward(ctx, g_lse, g_lin):
+    """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
+    loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
+    x, w, b, scale, lse, *targets = ctx.saved_tensors
+    need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
+    rt_g = RowTargets(*targets).scaled(-g_lin)
+    dx_raw, dw, db = _backward_op(
+        x, w, b, scale, lse, g_lse.contiguous(), _targets_args(rt_g), *ctx.options, ctx.backend,
+        need_x or need_s, need_w, need_b,
+    )  # fmt: skip
+    dx = (dx_raw * scale).to(x.dtype) if need_x else None
+    dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
+    dw = dw.to(w.dtype) if need_w else None
+    db = db.to(b.dtype) if need_b else None
+    return dx, dw, db, dscale, *[None] * 7  # targets, options, backend, need_grad
+
+
+_forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward)
 
 
 def linear_cross_entropy(
@@ -82,6 +186,7 @@ def linear_cross_entropy(
     lam: float | torch.Tensor | None = None,
     return_lse: bool = False,
     impl: str = "auto",
+    deterministic: bool = False,
 ):
     """Cross-entropy of ``softcap(scale * input @ linear_weight.T + linear_bias)`` without
     materialising the logits.
@@ -108,11 +213,40 @@ def linear_cross_entropy(
         return_lse: also return the per-row log-sum-exp (differentiable, fp32).
         impl: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (also on CPU under
             ``TRITON_INTERPRET=1``), "chunked", or "reference" (materialises logits).
+        deterministic: bitwise-reproducible loss and gradients: "auto" then takes the chunked
+            torch path (no atomic adds). Also on under ``torch.use_deterministic_algorithms(True)``.
+
+    Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
+    autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.
+    Out-of-range class indices raise a ValueError, except while compiling or capturing a CUDA
+    graph (the check needs a host sync): there their rows' loss is NaN.
 
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse when ``return_lse``.
     """
+    low = _autocast_dtype(input)
+    if low is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return linear_cross_entropy(
+                _autocast_operand(input, low),
+                _autocast_operand(linear_weight, low),
+                target,
+                linear_bias=_autocast_operand(linear_bias, low),
+                weight=weight,
+                reduction=reduction,
+                ignore_index=ignore_index,
+                label_smoothing=label_smoothing,
+                scale=scale,
+                softcap=softcap,
+                z_loss=z_loss,
+                target2=target2,
+                lam=lam,
+                return_lse=return_lse,
+                impl=impl,
+                deterministic=deterministic,
+            )
     _check_options(reduction, label_smoothing, z_loss, softcap, impl)
+    impl = _deterministic_impl(impl, deterministic)
     x, w, b = _check_linear(input, linear_weight, linear_bias)
     C, D = w.shape
     batch_shape = input.shape[:-1]
@@ -138,10 +272,9 @@ def linear_cross_entropy(
     backend = _choose(impl, x, dense and target.requires_grad)
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
-    elif torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t)):
-        rows, lse = _LinearCrossEntropy.apply(x, w, b, scale_t, rt, opts, backend)
     else:
-        lse, lin = backend.forward(x, w, b, scale_t, rt, opts)
+        need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t))
+        lse, lin = _forward_op(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), backend.name, need_grad)
         rows = row_loss(lse, lin, rt)
 
     if reduction == "none":
@@ -159,18 +292,46 @@ def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | No
         return None  # only the reference differentiates probability targets
     if impl == "chunked":
         return CHUNKED
-    if impl == "triton":
+    if impl in ("triton", "lean"):
         if x.dtype == torch.float64:
-            raise ValueError("impl='triton' supports float32, float16 and bfloat16 input, got float64")
+            raise ValueError(f"impl={impl!r} supports float32, float16 and bfloat16 input, got float64")
         if not x.is_cuda:
             from fused_xent.kernels.config import interpreting
 
             if not interpreting():
-                raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        return _triton_backend()
+                raise ValueError(f"impl={impl!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+        return _triton_backend() if impl == "triton" else _class_chunked_backend()
     if x.is_cuda and x.dtype != torch.float64:
-        return _triton_backend()
+        return _class_chunked_backend()
     return CHUNKED
+
+
+def _autocast_dtype(input) -> torch.dtype | None:
+    """The dtype autocast gives ``F.linear``'s operands on ``input``'s device; None when off."""
+    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+        return None
+    return torch.get_autocast_dtype(input.device.type)
+
+
+def _autocast_operand(t, dtype: torch.dtype):
+    """As autocast treats ``F.linear``'s operands: float32 / float16 / bfloat16 go to ``dtype``."""
+    if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return t.to(dtype)
+    return t
+
+
+def _deterministic_impl(impl: str, deterministic: bool) -> str:
+    """``impl`` with "auto" resolved to "chunked" when determinism is asked for."""
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {_describe(deterministic)}")
+    if not (deterministic or torch.are_deterministic_algorithms_enabled()):
+        return impl
+    if impl == "triton":
+        raise ValueError(
+            "impl='triton' is not deterministic (its backward adds tiles with atomics); with "
+            "deterministic=True or torch.use_deterministic_algorithms(True) use impl='auto', 'chunked' or 'reference'"
+        )
+    return "chunked" if impl == "auto" else impl
 
 
 def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:

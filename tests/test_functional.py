@@ -13,7 +13,7 @@ import fused_xent
 from fused_xent import linear_cross_entropy
 
 DEVICE = "cuda" if torch.cuda.is_available() and not torch.version.hip else "cpu"
-CPU_IMPLS = ["chunked", "triton", "reference"]
+CPU_IMPLS = ["chunked", "triton", "lean", "reference"]
 
 
 def make_problem(N, D, C, dtype, *, lead=None, bias=False, weight=False, dense=False, ignore=0, seed=0, device="cpu"):
@@ -165,7 +165,7 @@ def test_return_lse_is_differentiable(impl):
     check(impl, torch.float32, 37, 19, 101, return_lse=True, reduction="none", ignore=3, bias=True)
 
 
-@pytest.mark.parametrize("impl", ["triton", "chunked"])
+@pytest.mark.parametrize("impl", ["triton", "lean", "chunked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_within_twice_torch_error(impl, dtype):
     check(impl, dtype, 64, 33, 130, bias=True, label_smoothing=0.1, ignore=3)

@@ -1,0 +1,229 @@
+"""Side-by-side benchmark: every linear cross-entropy available here, same inputs, one process.
+
+``python -m fused_xent bench [case ...] [--out DIR]``. Per (case, method) it reports the
+median forward+backward time (CUDA events via ``triton.testing.do_bench``, after warm-up),
+the forward-only time, the peak memory beyond what was allocated before the call, and the
+errors of the loss and of the input / weight gradients against an fp32 reference on the
+same bf16-rounded values. Methods whose package is missing are skipped; a failure becomes
+an error row. On a machine without CUDA it runs the small ``cpu_small`` case.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import fused_xent
+
+CASES = {
+    # name: rows N, features D, classes C, bias, label smoothing, peaked logits, torch.compile
+    "gemma2": dict(N=8192, D=2304, C=256000),
+    "gemma2_peaked": dict(N=8192, D=2304, C=256000, peaked=True),
+    "llama3": dict(N=8192, D=4096, C=128256),
+    "extreme_1m": dict(N=4096, D=512, C=1_000_000, compile=False),
+    "vit21k": dict(N=4096, D=768, C=21841, bias=True, ls=0.1),
+    "cpu_small": dict(N=256, D=64, C=1000, bias=True, ls=0.1),
+}
+
+
+def methods(case: dict, device: str) -> dict:
+    """name -> fn(x, w, y, b, ls) returning the mean loss."""
+
+    def eager(x, w, y, b, ls):
+        return F.cross_entropy(F.linear(x, w, b).float(), y, label_smoothing=ls)
+
+    out = {"torch_eager": eager}
+    if device == "cuda" and case.get("compile", True):
+        out["torch_compile"] = torch.compile(eager, dynamic=False)
+    if hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions"):
+        opts = torch.nn.LinearCrossEntropyOptions()
+
+        def native(x, w, y, b, ls):
+            return F.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=ls, options=opts)
+
+        out["torch_native_chunked"] = native
+    for impl in ("auto", "triton") if device == "cuda" else ("auto",):
+
+        def ours(x, w, y, b, ls, impl=impl):
+            return fused_xent.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=ls, impl=impl)
+
+        out[f"fused_xent[{impl}]"] = ours
+    try:
+        from cut_cross_entropy import linear_cross_entropy as cce
+
+        def cce_fn(x, w, y, b, ls, **kw):
+            if ls or b is not None:
+                raise NotImplementedError("cut-cross-entropy 25.1.1 has no label smoothing or bias")
+            return cce(x, w, y, **kw)
+
+        out["cce"] = cce_fn
+        out["cce_nofilter"] = lambda x, w, y, b, ls: cce_fn(x, w, y, b, ls, filter_eps=None)
+    except ImportError:
+        pass
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+
+        out["liger"] = lambda x, w, y, b, ls: liger(x, w, y, b, label_smoothing=ls)
+    except ImportError:
+        pass
+    return out
+
+
+def make_inputs(case: dict, device: str, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    N, D, C = case["N"], case["D"], case["C"]
+    w = torch.randn(C, D, device=device, generator=g) / math.sqrt(D)
+    y = torch.randint(0, C, (N,), device=device, generator=g)
+    x = torch.randn(N, D, device=device, generator=g)
+    if case.get("peaked"):  # hidden states aligned with their target row: a trained-model-like softmax
+        x = 0.5 * x + 6.0 * w[y]
+    b = 0.1 * torch.randn(C, device=device, generator=g) if case.get("bias") else None
+    leaf = [t.to(dtype).requires_grad_() if t is not None else None for t in (x, w, b)]
+    return leaf[0], leaf[1], y, leaf[2]
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def _bench(fn, device):
+    if device == "cuda":
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=50, rep=300, return_mode="median")
+    t0 = time.perf_counter()
+    reps = 3
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - t0) / reps * 1e3
+
+
+def _peak(fn, device) -> float:
+    if device != "cuda":
+        return float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def run_case(name: str, case: dict, device: str, only: list[str] | None = None) -> list[dict]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    x, w, y, b = make_inputs(case, device, dtype)
+    ls = case.get("ls", 0.0)
+    params = [p for p in (x, w, b) if p is not None]
+    ref_leaves = [p.detach().float().requires_grad_() for p in params]
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ref = F.cross_entropy(F.linear(ref_leaves[0], ref_leaves[1], ref_leaves[2] if b is not None else None), y,
+                          label_smoothing=ls)  # fmt: skip
+    ref.backward()
+    torch.backends.cuda.matmul.allow_tf32 = prev
+    ref_loss, ref_gx, ref_gw = ref.detach(), ref_leaves[0].grad, ref_leaves[1].grad
+    del ref_leaves
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    rows = []
+    for mname, fn in methods(case, device).items():
+        if only and not any(o in mname for o in only):
+            continue
+        row = dict(case=name, method=mname, N=case["N"], D=case["D"], C=case["C"])
+        try:
+
+            def fwbw(fn=fn):
+                for p in params:
+                    p.grad = None
+                loss = fn(x, w, y, b, ls)
+                loss.backward()
+                return loss
+
+            def fw(fn=fn):
+                with torch.no_grad():
+                    return fn(x, w, y, b, ls)
+
+            loss = fwbw()
+            row.update(loss_err=_rel(loss.detach(), ref_loss), gx_err=_rel(x.grad, ref_gx), gw_err=_rel(w.grad, ref_gw))
+            for p in params:
+                p.grad = None
+            row["peak_fwbw_mib"] = round(_peak(fwbw, device), 1)
+            for p in params:
+                p.grad = None
+            row["peak_fw_mib"] = round(_peak(fw, device), 1)
+            row["fwbw_ms"] = round(_bench(fwbw, device), 3)
+            row["fw_ms"] = round(_bench(fw, device), 3)
+        except Exception as e:  # a missing feature or an out-of-memory is a row, not a crash
+            row["error"] = f"{type(e).__name__}: {e}"[:200]
+        for p in params:
+            p.grad = None
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def environment(argv: list[str]) -> dict:
+    import triton
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"
+    return dict(
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        gpu=gpu,
+        torch=torch.__version__,
+        triton=triton.__version__,
+        fused_xent=fused_xent.__version__,
+        command="python -m fused_xent bench " + " ".join(argv),
+    )
+
+
+def to_markdown(env: dict, rows: list[dict]) -> str:
+    head = "| case | method | fw+bw ms | peak MiB | fw ms | fw peak MiB | loss err | dX err | dW err |"
+    lines = [f"# fused_xent benchmark — {env['gpu']}", ""]
+    lines += [f"- {k}: `{v}`" for k, v in env.items()]
+    lines += ["", head, "|" + "---|" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['case']} | {r['method']} | error: {r['error']} |||||||")
+            continue
+        lines.append(
+            f"| {r['case']} | {r['method']} | {r['fwbw_ms']:.2f} | {r['peak_fwbw_mib']:.0f} | {r['fw_ms']:.2f} | "
+            f"{r['peak_fw_mib']:.0f} | {r['loss_err']:.1e} | {r['gx_err']:.1e} | {r['gw_err']:.1e} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(prog="python -m fused_xent bench", description=__doc__.splitlines()[0])
+    parser.add_argument("cases", nargs="*", help=f"cases among {sorted(CASES)}")
+    parser.add_argument("--only", nargs="*", help="methods whose name contains one of these")
+    parser.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    names = args.cases or (["gemma2"] if device == "cuda" else ["cpu_small"])
+    rows = []
+    for name in names:
+        if name not in CASES:
+            parser.error(f"unknown case {name!r}; choose from {sorted(CASES)}")
+        rows += run_case(name, CASES[name], device, args.only)
+    env = environment(argv)
+    md = to_markdown(env, rows)
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(dict(env=env, rows=rows), f, indent=1)
+        with open(os.path.join(args.out, "bench.md"), "w") as f:
+            f.write(md)
+    print(md)

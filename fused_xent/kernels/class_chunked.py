@@ -1,0 +1,196 @@
+"""Class-chunked strategy: cuBLAS GEMMs per chunk of classes, Triton kernels between them.
+
+For a chunk of classes ``[c0, c0 + Cc)`` the raw products ``R = X @ W[c0:c0+Cc].T`` (fp32,
+N x Cc) come from one cuBLAS GEMM. Then
+
+- forward: ``chunk_stats_kernel`` turns R into ``z`` (scale, bias, softcap) and folds it
+  into running per-row ``(m, s, lin)``; each program owns whole rows, so no atomics;
+- backward: ``chunk_grad_kernel`` forms ``dU = (cp * exp(z - lse) - tt) * softcap'`` and
+  writes it as bf16/fp16 *into R's own memory* (row pitch unchanged, each program owns
+  whole rows and writes only columns it has read), then cuBLAS gives
+  ``dW[c0:c0+Cc] = scale * dU.T @ X`` complete (no fp32 C x D buffer) and
+  ``dX_raw += dU @ W[c0:c0+Cc]`` in fp32; ``db`` from per-program partial sums.
+
+Four GEMMs in all (forward, recompute, dW, dX); memory beyond the gradients is one fp32
+chunk of N x Cc plus fp32 dX_raw. No atomics: every sum has a fixed order, so the results
+are bitwise reproducible.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fused_xent.kernels.tiles import target_args, target_tile
+
+#: Bytes of the fp32 logit chunk; the user can lower it (``set_chunk_bytes``).
+CHUNK_BYTES = 64 * 2**20
+
+
+def set_chunk_bytes(nbytes: int) -> None:
+    """Set the memory the class-chunked strategy may hold for one chunk of logits."""
+    global CHUNK_BYTES
+    if nbytes < 2**20:
+        raise ValueError(f"chunk memory must be at least 1 MiB, got {nbytes} bytes")
+    CHUNK_BYTES = int(nbytes)
+
+
+@triton.jit
+def _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    u = r * scale
+    if HAS_BIAS:
+        u += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_SOFTCAP:
+        u = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u / softcap) + 1.0))
+    return u
+
+
+@triton.jit
+def chunk_stats_kernel(
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L,
+    N, Cc, c0, stride_tn, stride_tc, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """Fold z of one chunk into the running row stats (m, s, lin)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    scale = tl.load(Scale).to(tl.float32)
+    m = tl.load(M + rows, mask=row_mask, other=0.0)
+    s = tl.load(S + rows, mask=row_mask, other=0.0)
+    lin = tl.load(L + rows, mask=row_mask, other=0.0)
+    for j0 in range(0, Cc, BLOCK_C):
+        local = j0 + tl.arange(0, BLOCK_C)
+        col_mask = local < Cc
+        cols = c0 + local
+        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
+        z = _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        zm = tl.where(col_mask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(zm, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zm - m_ref[:, None]), axis=1)
+        m = m_new
+        if NEED_LIN:
+            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+            lin += tl.sum(tl.where(tt != 0.0, tt * z, 0.0), axis=1)
+    tl.store(M + rows, m, mask=row_mask)
+    tl.store(S + rows, s, mask=row_mask)
+    tl.store(L + rows, lin, mask=row_mask)
+
+
+@triton.jit
+def chunk_grad_kernel(
+    R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
+    N, Cc, c0, stride_tn, stride_tc, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """dU of one chunk, written over R (in place: a tile is read whole before its bf16
+    values land on bytes this program has already read)."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    scale = tl.load(Scale).to(tl.float32)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    cp = tl.load(CP + rows, mask=row_mask, other=0.0)
+    for j0 in range(0, Cc, BLOCK_C):
+        local = j0 + tl.arange(0, BLOCK_C)
+        col_mask = local < Cc
+        cols = c0 + local
+        mask = row_mask[:, None] & col_mask[None, :]
+        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+        z = _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                         HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+        du = cp[:, None] * tl.exp(z - lse[:, None]) - tt
+        if HAS_SOFTCAP:
+            zc = z / softcap
+            du = du * (1.0 - zc * zc)
+        du = tl.where(mask, du, 0.0)
+        if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
+            tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(du, axis=0), mask=col_mask)
+        tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
+        tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _mm_fp32(a, b, out=None):
+    """``a @ b`` accumulated and returned in fp32 (cuBLAS with an fp32 output for bf16/fp16)."""
+    if a.dtype == torch.float32:
+        return torch.mm(a, b, out=out)
+    if not a.is_cuda:  # CPU (tests under the Triton interpreter): upcast instead
+        return torch.mm(a.float(), b.float(), out=out)
+    return torch.mm(a, b, out_dtype=torch.float32, out=out)
+
+
+def _chunk_cols(N: int, C: int) -> int:
+    cols = max(256, (CHUNK_BYTES // (4 * max(N, 1))) // 256 * 256)
+    return min(C, cols)
+
+
+def _kernel_args(b, rt, opts):
+    pointers, t_strides, flags = target_args(rt)
+    return pointers, t_strides, dict(HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, **flags)
+
+
+def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
+    """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy."""
+    N, C = x.shape[0], w.shape[0]
+    m = torch.full((N,), float("-inf"), device=x.device)
+    s = torch.zeros(N, device=x.device)
+    lin = torch.zeros(N, device=x.device)
+    if N == 0:
+        return m, lin
+    cc = _chunk_cols(N, C)
+    buf = torch.empty((N, cc), device=x.device, dtype=torch.float32)
+    pointers, t_strides, flags = _kernel_args(b, rt, opts)
+    block_n = 16
+    for c0 in range(0, C, cc):
+        c1 = min(c0 + cc, C)
+        raw = buf[:, : c1 - c0]
+        _mm_fp32(x, w[c0:c1].T, out=raw)
+        chunk_stats_kernel[(triton.cdiv(N, block_n),)](
+            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
+            N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, NEED_LIN=need_lin,
+            **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
+        )  # fmt: skip
+    return m + torch.log(s), lin
+
+
+def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
+    """The Backend backward of the class-chunked strategy: ``dx_raw`` fp32 without the
+    scale, ``dw`` with the scale (in w's dtype: no fp32 C x D buffer), ``db`` fp32."""
+    N, D = x.shape
+    C = w.shape[0]
+    dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
+    dw = torch.empty_like(w) if need_dw else None
+    db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
+    if N == 0:
+        if dw is not None:
+            dw.zero_()
+        return dx, dw, db
+    cc = _chunk_cols(N, C)
+    buf = torch.empty((N, cc), device=x.device, dtype=torch.float32)
+    pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
+    block_n = 16
+    db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
+    for c0 in range(0, C, cc):
+        c1 = min(c0 + cc, C)
+        raw = buf[:, : c1 - c0]
+        _mm_fp32(x, w[c0:c1].T, out=raw)
+        if x.dtype == torch.float32:
+            du = raw
+        else:  # the low-precision dU shares R's rows: same byte pitch, twice the elements
+            du = buf.view(x.dtype).as_strided((N, c1 - c0), (2 * cc, 1))
+        chunk_grad_kernel[(triton.cdiv(N, block_n),)](
+            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
+            db_part if need_db else lse, cc, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, COMPUTE_DB=need_db,
+            **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
+        )  # fmt: skip
+        if need_db:
+            db[c0:c1] = db_part[:, : c1 - c0].sum(0)
+        if need_dw:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
+            torch.mul(_mm_fp32(du.T, x), scale, out=dw[c0:c1])
+        if need_dx:
+            dx += _mm_fp32(du, w[c0:c1])
+    return dx, dw, db

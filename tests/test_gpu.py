@@ -1,0 +1,82 @@
+"""GPU equivalences at real sizes (``pytest -m gpu`` on a CUDA machine).
+
+The bound is SPEC section 4's: the gradient error of fused_xent against an fp32 reference
+(no TF32) is at most twice the error of torch's own computation in the same dtype."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch_reference import rel_err
+
+from fused_xent import linear_cross_entropy
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+SIZES = {"gemma2": (8192, 2304, 256000), "vit21k": (4096, 768, 21841)}
+
+
+def _problem(N, D, C, dtype, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(N, D, device="cuda", generator=g).to(dtype)
+    w = (torch.randn(C, D, device="cuda", generator=g) / math.sqrt(D)).to(dtype)
+    b = (0.1 * torch.randn(C, device="cuda", generator=g)).to(dtype)
+    y = torch.randint(0, C, (N,), device="cuda", generator=g)
+    y[:: max(1, N // 50)] = -100
+    return x, w, b, y
+
+
+def _grads(fn, x, w, b, dtype):
+    leaves = [t.detach().to(dtype).requires_grad_() for t in (x, w, b)]
+    loss = fn(*leaves)
+    loss.backward()
+    out = [loss.detach().float()] + [t.grad.float() for t in leaves]
+    del leaves, loss
+    return out
+
+
+@pytest.mark.parametrize("size", sorted(SIZES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("impl", ["auto", "triton"])
+def test_real_size_within_twice_torch_error(size, dtype, impl):
+    N, D, C = SIZES[size]
+    x, w, b, y = _problem(N, D, C, dtype, seed=hash((size, str(dtype))) % 1000)
+    opts = dict(label_smoothing=0.1, ignore_index=-100)
+
+    def torch_loss(xx, ww, bb):
+        return F.cross_entropy(F.linear(xx, ww, bb).float(), y, **opts)
+
+    def fused(xx, ww, bb):
+        return linear_cross_entropy(xx, ww, y, linear_bias=bb, impl=impl, **opts)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = _grads(torch_loss, x, w, b, torch.float32)
+        own = _grads(torch_loss, x, w, b, dtype) if dtype != torch.float32 else None
+        got = _grads(fused, x, w, b, dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    floor = 2e-5 if dtype == torch.float32 else 1e-4
+    assert rel_err(got[0], ref[0]) < floor
+    for name, g_, r_, o_ in zip(("dx", "dw", "db"), got[1:], ref[1:], own[1:] if own else [None] * 3, strict=True):
+        bound = 2 * rel_err(o_, r_) if o_ is not None else floor
+        assert rel_err(g_, r_) <= max(bound, floor), (name, rel_err(g_, r_), bound)
+
+
+def test_forward_only_needs_no_logit_memory():
+    N, D, C = SIZES["gemma2"]
+    x, w, b, y = _problem(N, D, C, torch.bfloat16, seed=3)
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, w, y)
+    torch.cuda.synchronize()
+    extra = (torch.cuda.max_memory_allocated() - base) / 2**20
+    ref = F.cross_entropy(F.linear(x.float(), w.float()), y)
+    assert rel_err(loss, ref) < 1e-4
+    assert extra < 16, f"forward-only used {extra:.1f} MiB"
