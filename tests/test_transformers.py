@@ -132,6 +132,20 @@ def test_num_items_in_batch_and_shift_labels():
     assert_rel_close(loss, own.double(), RTOL_OWN)
 
 
+def test_autocast_bf16_matches_the_models_own_loss():
+    """A float32 model under CPU bf16 autocast (what Trainer(bf16=True) does): the head runs in
+    bf16 in both; the losses agree to bf16 rounding of the logits (eps 7.8e-3)."""
+    model = tiny_model("phi").float().eval()
+    ids, labels, mask = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = causal_lm_loss(model, ids, labels, attention_mask=mask)
+        own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert loss.dtype == torch.float32
+    assert_rel_close(loss, own, 1e-2)
+    g, g_own = grads(model, loss), grads(model, own)
+    assert_rel_close(g[-1], g_own[-1], 3e-2, "head bias")
+
+
 def test_moe_router_aux_loss_is_added():
     config = transformers.MixtralConfig(
         **_COMMON, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True

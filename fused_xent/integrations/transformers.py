@@ -239,12 +239,12 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         _check_head(model, head, h[:, positions.to(h.device)], output.logits)
         _CHECKED.add(model)
 
-    bias = head.bias if head.bias is None or head.scale == 1.0 else head.bias * head.scale
+    x, w, b = _head_operands(h, head)
     loss = linear_cross_entropy(
-        h,
-        head.weight,
+        x,
+        w,
         targets.to(h.device),
-        linear_bias=bias,
+        linear_bias=b,
         reduction="mean" if num_items_in_batch is None else "sum",
         ignore_index=IGNORE_INDEX,
         scale=None if head.scale == 1.0 else head.scale,
@@ -272,6 +272,20 @@ def _shift(labels, shift_labels) -> torch.Tensor:
     return nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _head_operands(h: torch.Tensor, head: LMHead):
+    """``(h, W, s * b)`` in the dtype the head's ``nn.Linear`` would compute in (autocast's
+    when it is on, as for ``F.linear``); the bias folds the scale in, ``s * (hW + b) = s hW + s b``."""
+    w, b = head.weight, head.bias
+    if torch.is_autocast_enabled(h.device.type):
+        dtype = torch.get_autocast_dtype(h.device.type)
+    else:
+        dtype = w.dtype
+    h, w = h.to(dtype), w.to(dtype)
+    if b is not None:
+        b = (b if head.scale == 1.0 else b * head.scale).to(dtype)
+    return h, w, b
+
+
 def _last_hidden_state(out) -> torch.Tensor:
     h = getattr(out, "last_hidden_state", None)
     return h if h is not None else out[0]
@@ -287,7 +301,7 @@ def _check_head(model, head: LMHead, h_kept: torch.Tensor, model_logits: torch.T
         ours = head.logits(h_kept)
         diff = torch.where(ref.isnan() & ours.isnan(), 0.0, (ref - ours).abs())  # a row NaN in both agrees
         err = (diff.max() / ref.nan_to_num(0.0).abs().max().clamp_min(1e-30)).item()
-    if not err <= _HEAD_CHECK_TOL.get(h_kept.dtype, 3e-2):
+    if not err <= _HEAD_CHECK_TOL.get(model_logits.dtype, 3e-2):
         raise ValueError(
             f"{name}'s logits differ from softcap(scale * (h @ W.T + b)) with scale={head.scale}, "
             f"softcap={head.softcap} read from its config (relative error {err:.3g}): the model transforms its "
