@@ -1,0 +1,294 @@
+"""timm: classifier-head losses without the logits, sparse Mixup / CutMix, training glue.
+
+A timm model ends in ``logits = classifier(pre_logits)`` with ``pre_logits =
+model.forward_head(model.forward_features(x), pre_logits=True)`` and ``classifier =
+model.get_classifier()``. :class:`FusedHeadLoss` hands the classifier's weight and bias to
+:func:`fused_xent.linear_cross_entropy`, so the (N, C) logits are never formed. With
+Mixup / CutMix timm builds a dense (N, C) target
+
+    t_i = (1 - eps) * (lam_i * e_{y_i} + (1 - lam_i) * e_{y2_i}) + eps / C,   y2 = y.flip(0)
+
+(``timm.data.mixup_target``); :class:`SparseMixup` mixes the images exactly as
+``timm.data.Mixup`` does and returns ``(y, y2, lam)`` instead, which the fused loss takes as
+``target2`` / ``lam``. Swapping ``LabelSmoothingCrossEntropy`` / ``SoftTargetCrossEntropy``
+on the logits for this loss on the pre-logits changes neither the value nor any gradient.
+
+Training: :class:`FusedClassificationTask` is a ``timm.task.ClassificationTask`` (where the
+installed timm has ``timm.task``); for ``train.py``-style loops :class:`PreLogits` wraps the
+model so that ``model(x)`` returns pre-logits while training and logits in eval mode, and
+:meth:`FusedHeadLoss.from_model` builds the criterion.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from fused_xent.functional import linear_cross_entropy
+
+try:
+    from timm.data import Mixup as _TimmMixup
+except ImportError:  # the class is only defined with timm installed
+    _TimmMixup = None
+
+try:
+    from timm.task import ClassificationTask as _TimmClassificationTask
+except ImportError:  # timm < 1.0.20 has no training tasks
+    _TimmClassificationTask = None
+
+__all__ = ["FusedHeadLoss", "MixedTarget", "PreLogits", "classifier_parameters"]
+
+
+class MixedTarget(NamedTuple):
+    """Mixup / CutMix labels as two class indices and a weight per row.
+
+    Stands for the dense target ``(1 - eps) * (lam * e_y + (1 - lam) * e_y2) + eps / C``
+    (``label_smoothing = eps``), which :meth:`dense` builds for checking.
+    """
+
+    y: torch.Tensor  # (N,) int64
+    y2: torch.Tensor  # (N,) int64
+    lam: float | torch.Tensor  # float, or (N,) tensor
+    label_smoothing: float = 0.0
+
+    def dense(self, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (N, C) target timm's ``Mixup`` would have returned (timm's is fp32)."""
+        eps = self.label_smoothing
+        lam = self.lam if isinstance(self.lam, numbers.Real) else self.lam.to(dtype)[:, None]
+        onehot = lambda t: nn.functional.one_hot(t.long(), num_classes).to(dtype)
+        return (1.0 - eps) * (lam * onehot(self.y) + (1.0 - lam) * onehot(self.y2)) + eps / num_classes
+
+
+def classifier_parameters(classifier: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (C, D), bias (C,) or None)`` of a timm classifier: an ``nn.Linear`` or a
+    1x1 ``nn.Conv2d`` (its weight viewed as (C, D), so gradients reach the conv)."""
+    if isinstance(classifier, nn.Identity):
+        raise ValueError(
+            "classifier is nn.Identity: the model has no head (created with num_classes=0 or after "
+            "reset_classifier(0)); create it with num_classes=C or call model.reset_classifier(C)"
+        )
+    if isinstance(classifier, nn.Linear):
+        return classifier.weight, classifier.bias
+    if isinstance(classifier, nn.Conv2d):
+        if classifier.kernel_size != (1, 1) or classifier.groups != 1:
+            raise ValueError(
+                f"classifier must be a 1x1 Conv2d without groups, got kernel_size={classifier.kernel_size}, "
+                f"groups={classifier.groups}"
+            )
+        return classifier.weight.flatten(1), classifier.bias
+    raise TypeError(
+        f"classifier must be nn.Linear or a 1x1 nn.Conv2d (what timm's get_classifier() returns), "
+        f"got {type(classifier).__name__}"
+    )
+
+
+class FusedHeadLoss(nn.Module):
+    """Cross-entropy of ``classifier(pre_logits)`` without the (N, C) logits.
+
+    ``loss = mean_i [ lse(z_i) - sum_j t_ij z_ij ]``, ``z_i = W @ x_i + b``, with ``t_i`` the
+    smoothed one-hot ``(1 - eps) e_{y_i} + eps / C`` for class indices (timm's
+    ``LabelSmoothingCrossEntropy(eps)``, ``nn.CrossEntropyLoss`` at eps = 0), the Mixup
+    target of :class:`MixedTarget` for two labels, or the given rows of a dense (N, C)
+    target (timm's ``SoftTargetCrossEntropy``: dense targets carry their own smoothing).
+
+    Args:
+        classifier: the model's ``get_classifier()``: ``nn.Linear`` or 1x1 ``nn.Conv2d``
+            (C outputs, bias optional). Held as a submodule, sharing its parameters.
+        label_smoothing: eps for class-index targets (with or without ``target2``).
+        reduction, ignore_index, impl: as in :func:`fused_xent.linear_cross_entropy`.
+    """
+
+    def __init__(
+        self,
+        classifier: nn.Module,
+        label_smoothing: float = 0.0,
+        *,
+        reduction: str = "mean",
+        ignore_index: int | None = -100,
+        impl: str = "auto",
+    ) -> None:
+        super().__init__()
+        classifier_parameters(classifier)  # fail at construction, not at the first step
+        if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
+        self.classifier = classifier
+        self.label_smoothing = float(label_smoothing)
+        self.reduction = reduction
+        self.ignore_index = ignore_index
+        self.impl = impl
+
+    @classmethod
+    def from_model(cls, model: nn.Module, label_smoothing: float = 0.0, **kwargs) -> FusedHeadLoss:
+        """The loss on ``model.get_classifier()`` (a timm model, or a :class:`PreLogits`)."""
+        model = model.model if isinstance(model, PreLogits) else model
+        if not hasattr(model, "get_classifier"):
+            raise TypeError(f"model must be a timm model with get_classifier(), got {type(model).__name__}")
+        return cls(model.get_classifier(), label_smoothing, **kwargs)
+
+    def forward(
+        self,
+        pre_logits: torch.Tensor,
+        target: torch.Tensor | MixedTarget,
+        target2: torch.Tensor | None = None,
+        lam: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Loss of ``pre_logits`` (N, D) (or (N, D, 1, 1) for a conv head) against ``target``:
+        (N,) class indices, (N, C) probabilities, or a :class:`MixedTarget`; ``target2`` (N,)
+        and ``lam`` (float or (N,)) give Mixup / CutMix as two labels and a weight."""
+        weight, bias = classifier_parameters(self.classifier)
+        x = _flatten_pre_logits(pre_logits, weight.shape[1])
+        eps = self.label_smoothing
+        if isinstance(target, MixedTarget):
+            if target2 is not None or lam is not None:
+                raise ValueError("target is a MixedTarget, which holds target2 and lam already; pass neither")
+            target, target2, lam, eps = target.y, target.y2, target.lam, target.label_smoothing
+        elif isinstance(target, torch.Tensor) and target.is_floating_point():
+            eps = 0.0
+        if isinstance(lam, torch.Tensor) and lam.dim() == 2 and lam.shape[1] == 1:
+            lam = lam[:, 0]  # timm's per-element lam is (N, 1)
+        dtype = _autocast_dtype(x) or weight.dtype
+        return linear_cross_entropy(
+            x.to(dtype),
+            weight.to(dtype),
+            target,
+            linear_bias=None if bias is None else bias.to(dtype),
+            reduction=self.reduction,
+            ignore_index=self.ignore_index,
+            label_smoothing=eps,
+            target2=target2,
+            lam=lam,
+            impl=self.impl,
+        )
+
+    def extra_repr(self) -> str:
+        return f"label_smoothing={self.label_smoothing}, reduction={self.reduction!r}, impl={self.impl!r}"
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The autocast dtype active for ``x``'s device (the logits' dtype timm would get), or None."""
+    device_type = x.device.type
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _flatten_pre_logits(pre_logits: torch.Tensor, features: int) -> torch.Tensor:
+    if not isinstance(pre_logits, torch.Tensor):
+        raise TypeError(f"pre_logits must be a tensor, got {type(pre_logits).__name__}")
+    if pre_logits.dim() == 4 and pre_logits.shape[2:] == (1, 1):
+        pre_logits = pre_logits.flatten(1)  # a pooled map in front of a 1x1-conv head
+    if pre_logits.dim() != 2 or pre_logits.shape[1] != features:
+        raise ValueError(
+            f"pre_logits must have shape (N, {features}) (model.forward_head(..., pre_logits=True)), "
+            f"got {tuple(pre_logits.shape)}"
+        )
+    return pre_logits
+
+
+class PreLogits(nn.Module):
+    """A timm model whose ``forward`` returns pre-logits while training, logits in eval.
+
+    ``train.py``-style loops change one place: ``model = PreLogits(model)`` with
+    ``loss_fn = FusedHeadLoss.from_model(model, smoothing)``; validation still sees logits.
+    ``state_dict`` / ``load_state_dict`` are the wrapped model's (same keys, so checkpoints,
+    EMA copies and pretrained weights load either way).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        for name in ("forward_features", "forward_head", "get_classifier"):
+            if not hasattr(model, name):
+                raise TypeError(f"model must be a timm model with {name}(), got {type(model).__name__}")
+        self.model = model
+
+    def forward(self, x: torch.Tensor, pre_logits: bool | None = None) -> torch.Tensor:
+        """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C)."""
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features, pre_logits=self.training if pre_logits is None else pre_logits)
+
+    def state_dict(self, *args, **kwargs):
+        return self.model.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def get_classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
+
+if _TimmMixup is not None:
+
+    class SparseMixup(_TimmMixup):
+        """``timm.data.Mixup`` that returns ``(x_mixed, MixedTarget(y, y2, lam, eps))``.
+
+        Same constructor, same random draws (numpy's global generator) and the same mixed
+        images as timm's ``Mixup`` (modes "batch", "pair", "elem"; mixup, cutmix and their
+        switch, ``correct_lam``); the target stays two labels and a weight, ``y2 = y.flip(0)``,
+        ``lam`` a float ("batch") or an (N,) tensor. ``x, (y, y2, lam, eps) = mixup(x, y)``
+        unpacks everything; ``x, target = mixup(x, y)`` drops into a timm training loop
+        whose criterion is :class:`FusedHeadLoss`.
+        """
+
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            if self.multi_label:
+                raise ValueError("SparseMixup mixes single-label class indices; multi_label=True needs timm's Mixup")
+
+        def __call__(self, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, MixedTarget]:
+            if len(x) % 2 != 0:
+                raise ValueError(f"x must have an even batch size for Mixup, got {len(x)}")
+            if target.dim() != 1 or target.is_floating_point():
+                raise ValueError(f"target must be (N,) class indices, got {tuple(target.shape)} {target.dtype}")
+            if self.mode == "elem":
+                lam = self._mix_elem(x)[:, 0]
+            elif self.mode == "pair":
+                lam = self._mix_pair(x)[:, 0]
+            else:
+                lam = float(self._mix_batch(x))
+            return x, MixedTarget(target, target.flip(0), lam, float(self.label_smoothing))
+
+    __all__.append("SparseMixup")
+
+
+if _TimmClassificationTask is not None:
+
+    class FusedClassificationTask(_TimmClassificationTask):
+        """``timm.task.ClassificationTask`` with the fused head loss.
+
+        ``FusedClassificationTask(model, label_smoothing=0.1)`` in place of
+        ``ClassificationTask(model, criterion_kwargs=dict(smoothing=0.1))``; targets may be
+        class indices, dense (N, C) probabilities or :class:`MixedTarget` (from
+        :class:`SparseMixup`). The trainable module is :class:`PreLogits` (same state-dict
+        keys as the model), so DDP, ``compile`` and EMA wrap the whole network. The result
+        holds ``loss`` and ``pre_logits``; logits (``output``) only with
+        ``return_logits=True``, computed without grad, since avoiding them is the point.
+        """
+
+        def __init__(
+            self,
+            model: nn.Module,
+            label_smoothing: float = 0.0,
+            *,
+            return_logits: bool = False,
+            impl: str = "auto",
+            device: torch.device | None = None,
+            dtype: torch.dtype | None = None,
+            verbose: bool = True,
+        ) -> None:
+            criterion = FusedHeadLoss.from_model(model, label_smoothing, impl=impl)
+            super().__init__(PreLogits(model), criterion=criterion, device=device, dtype=dtype, verbose=verbose)
+            self.return_logits = return_logits
+
+        def forward(self, input: torch.Tensor, target: torch.Tensor | MixedTarget) -> dict[str, torch.Tensor]:
+            pre_logits = self.trainable_module(input, pre_logits=True)
+            result = {"loss": self.criterion(pre_logits, target), "pre_logits": pre_logits}
+            if self.return_logits:
+                with torch.no_grad():
+                    weight, bias = classifier_parameters(self.criterion.classifier)
+                    result["output"] = nn.functional.linear(pre_logits.flatten(1), weight, bias)
+            return result
+
+    __all__.append("FusedClassificationTask")

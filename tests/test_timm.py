@@ -1,0 +1,278 @@
+"""fused_xent.integrations.timm against timm's own losses, Mixup and training task.
+
+Every equivalence runs in float64 on the chunked torch path, where the fused loss and
+timm's loss on materialised logits differ only by summation order: values and every
+parameter gradient agree to ~1e-15 relative, so 1e-10 leaves room for nothing but bugs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+from timm.data.mixup import Mixup, mixup_target  # noqa: E402
+from timm.layers import ClassifierHead  # noqa: E402
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy  # noqa: E402
+
+from fused_xent.integrations import timm as fx_timm  # noqa: E402
+from fused_xent.integrations.timm import FusedHeadLoss, MixedTarget, PreLogits, SparseMixup  # noqa: E402
+
+C = 1000  # the test models' head
+#: linear_cross_entropy holds mixup's lam in fp32 (even for fp64 input): 6e-8 relative
+MIXUP_RTOL = 2e-7
+MODELS = {"test_vit": dict(img_size=32), "test_resnet": {}, "test_convnext": {}}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def model(request):
+    torch.manual_seed(0)
+    m = timm.create_model(request.param, pretrained=False, **MODELS[request.param]).double().eval()
+    with torch.no_grad():  # zero-initialised gammas would leave whole branches without gradient
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return m
+
+
+@contextlib.contextmanager
+def default_dtype(dtype):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def pre_logits_of(m, x):
+    return m.forward_head(m.forward_features(x), pre_logits=True)
+
+
+def assert_same(m, x, fused_loss, timm_loss, rtol=1e-10):
+    """Value and every parameter gradient of the fused loss on pre-logits vs timm's on logits."""
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref = timm_loss(m(x))
+    ref_grads = torch.autograd.grad(ref, params)
+    out = fused_loss(pre_logits_of(m, x))
+    grads = torch.autograd.grad(out, params)
+    assert out.dtype == torch.float64
+    assert abs(out.item() - ref.item()) <= rtol * abs(ref.item())
+    for p, g, r in zip(params, grads, ref_grads, strict=True):
+        assert r.abs().max() > 0, "every parameter must get a gradient for the check to mean something"
+        assert rel_err(g, r) < rtol, p.shape
+
+
+def test_label_smoothing_matches_timm(model):
+    torch.manual_seed(1)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, C, (4,))
+    loss_fn = FusedHeadLoss.from_model(model, label_smoothing=0.1)
+    assert_same(model, x, lambda p: loss_fn(p, y), lambda z: LabelSmoothingCrossEntropy(0.1)(z, y))
+
+
+@pytest.mark.parametrize("mode", ["elem", "batch"])
+def test_mixup_matches_soft_target_on_timm_mixup(model, mode):
+    torch.manual_seed(2)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, C, (4,))
+    kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, mode=mode, label_smoothing=0.1, num_classes=C)
+    np.random.seed(3)
+    x_timm, t_timm = Mixup(**kw)(x.clone(), y)
+    np.random.seed(3)
+    x_fx, mixed = SparseMixup(**kw)(x.clone(), y)
+    assert torch.equal(x_fx, x_timm)
+    torch.testing.assert_close(mixed.dense(C), t_timm.float(), rtol=0, atol=1e-7)
+    # timm rounds its one-hot to fp32 (eps / C to 3e-8 relative); in float64 its own formula is exact
+    lam = mixed.lam if mode == "batch" else mixed.lam[:, None]
+    with default_dtype(torch.float64):
+        exact = mixup_target(y, C, lam, 0.1)
+    loss_fn = FusedHeadLoss.from_model(model)  # the smoothing travels with the MixedTarget
+    assert_same(model, x_fx, lambda p: loss_fn(p, mixed), lambda z: SoftTargetCrossEntropy()(z, exact), MIXUP_RTOL)
+
+
+def test_dense_soft_target_and_explicit_target2_lam(model):
+    torch.manual_seed(4)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y, y2 = torch.randint(0, C, (4,)), torch.randint(0, C, (4,))
+    lam = torch.rand(4, dtype=torch.float64)
+    dense = MixedTarget(y, y2, lam, 0.2).dense(C, torch.float64)
+    ref = lambda z: SoftTargetCrossEntropy()(z, dense)
+    loss_fn = FusedHeadLoss.from_model(model, label_smoothing=0.2)
+    assert_same(model, x, lambda p: loss_fn(p, y, target2=y2, lam=lam), ref, MIXUP_RTOL)
+    assert_same(model, x, lambda p: loss_fn(p, dense), ref)  # dense targets carry their own smoothing
+
+
+def test_linear_head_without_bias_and_1x1_conv_head():
+    torch.manual_seed(5)
+    x = torch.randn(6, 16, 3, 3, dtype=torch.float64)
+    y = torch.randint(0, 37, (6,))
+    conv_head = ClassifierHead(16, 37, use_conv=True).double()  # pools, then a 1x1 conv
+    linear_head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 37, bias=False)).double()
+    for head, classifier, pre in (
+        (conv_head, conv_head.fc, conv_head(x, pre_logits=True)),
+        (linear_head, linear_head[2], linear_head[:2](x)),
+        (conv_head, conv_head.fc, x.mean((2, 3), keepdim=True)),  # (N, D, 1, 1) pre-logits
+    ):
+        params = list(classifier.parameters())
+        out = FusedHeadLoss(classifier, label_smoothing=0.1)(pre, y)
+        ref = LabelSmoothingCrossEntropy(0.1)(head(x), y)
+        assert abs(out.item() - ref.item()) < 1e-12 * ref.item()
+        for g, r in zip(torch.autograd.grad(out, params), torch.autograd.grad(ref, params), strict=True):
+            assert rel_err(g, r) < 1e-12
+
+
+def test_triton_kernels_under_the_interpreter():
+    torch.manual_seed(6)
+    head = nn.Linear(24, 53).float()
+    pre = torch.randn(16, 24, requires_grad=True)
+    y, y2, lam = torch.randint(0, 53, (16,)), torch.randint(0, 53, (16,)), torch.rand(16)
+    out = FusedHeadLoss(head, 0.1, impl="triton")(pre, MixedTarget(y, y2, lam, 0.1))
+    grads = torch.autograd.grad(out, [pre, head.weight, head.bias])
+    ref_head = nn.Linear(24, 53).double()
+    ref_head.load_state_dict(head.state_dict())
+    pre64 = pre.detach().double().requires_grad_()
+    ref = SoftTargetCrossEntropy()(ref_head(pre64), MixedTarget(y, y2, lam, 0.1).dense(53, torch.float64))
+    ref_grads = torch.autograd.grad(ref, [pre64, ref_head.weight, ref_head.bias])
+    assert abs(out.item() - ref.item()) < 1e-5 * ref.item()  # fp32 kernels vs a float64 reference
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert rel_err(g.double(), r) < 1e-5
+
+
+def test_autocast_uses_the_autocast_dtype():
+    torch.manual_seed(7)
+    head = nn.Linear(32, 101)
+    pre = torch.randn(8, 32)
+    y = torch.randint(0, 101, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = FusedHeadLoss(head, 0.1)(pre, y)
+        ref = LabelSmoothingCrossEntropy(0.1)(head(pre), y)
+    # both see the logits of bf16 x and W; they differ by bf16 rounding of those logits only
+    assert out.dtype == torch.float32
+    assert abs(out.item() - ref.float().item()) < 1e-2 * ref.item()
+
+
+@pytest.mark.parametrize("mode", ["batch", "pair", "elem"])
+@pytest.mark.parametrize(
+    "alphas", [dict(mixup_alpha=0.8), dict(cutmix_alpha=1.0, mixup_alpha=0.0), dict(mixup_alpha=0.8, cutmix_alpha=1.0)]
+)
+@pytest.mark.parametrize("prob", [1.0, 0.6])
+def test_sparse_mixup_reproduces_timm_mixup(mode, alphas, prob):
+    kw = dict(mode=mode, prob=prob, switch_prob=0.5, label_smoothing=0.1, num_classes=10, **alphas)
+    x = torch.randn(8, 3, 12, 12)
+    y = torch.randint(0, 10, (8,))
+    for seed in range(4):
+        np.random.seed(seed)
+        x_timm, t_timm = Mixup(**kw)(x.clone(), y)
+        np.random.seed(seed)
+        x_fx, mixed = SparseMixup(**kw)(x.clone(), y)
+        assert torch.equal(x_fx, x_timm)
+        assert torch.equal(mixed.y, y) and torch.equal(mixed.y2, y.flip(0))
+        assert isinstance(mixed.lam, float) if mode == "batch" else mixed.lam.shape == (8,)
+        torch.testing.assert_close(mixed.dense(10), t_timm, rtol=0, atol=1e-6)
+        # and the dense target is timm's own function of (y, lam)
+        lam = mixed.lam if mode == "batch" else mixed.lam[:, None]
+        torch.testing.assert_close(mixed.dense(10), mixup_target(y, 10, lam, 0.1), rtol=0, atol=1e-6)
+
+
+def test_sparse_mixup_refuses_what_it_cannot_represent():
+    with pytest.raises(ValueError, match="multi_label"):
+        SparseMixup(multi_label=True, num_classes=10)
+    with pytest.raises(ValueError, match="even batch"):
+        SparseMixup(num_classes=10)(torch.randn(3, 3, 4, 4), torch.zeros(3, dtype=torch.long))
+
+
+def test_pre_logits_wrapper_keeps_state_dict_and_eval_logits():
+    torch.manual_seed(8)
+    m = timm.create_model("test_vit", pretrained=False, img_size=32).eval()
+    wrapped = PreLogits(m)
+    x = torch.randn(2, 3, 32, 32)
+    assert list(wrapped.state_dict()) == list(m.state_dict())
+    torch.testing.assert_close(wrapped.eval()(x), m(x), rtol=0, atol=0)
+    torch.testing.assert_close(wrapped(x, pre_logits=True), pre_logits_of(m, x), rtol=0, atol=0)
+    assert wrapped.train()(x).shape == (2, m.num_features)
+    wrapped.load_state_dict(m.state_dict())
+    loss_fn = FusedHeadLoss.from_model(wrapped, 0.1)
+    assert loss_fn.classifier is m.get_classifier()
+
+
+@pytest.mark.skipif(not hasattr(fx_timm, "FusedClassificationTask"), reason="installed timm has no timm.task")
+def test_classification_task_matches_timm_task():
+    from timm.task import ClassificationTask
+
+    torch.manual_seed(9)
+    m = timm.create_model("test_resnet", pretrained=False).double().eval()
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    y = torch.randint(0, C, (4,))
+    ref = ClassificationTask(m, criterion=LabelSmoothingCrossEntropy(0.1), verbose=False)(x, y)
+    task = fx_timm.FusedClassificationTask(m, label_smoothing=0.1, return_logits=True, verbose=False).eval()
+    out = task(x, y)
+    assert abs(out["loss"].item() - ref["loss"].item()) < 1e-12
+    torch.testing.assert_close(out["output"], ref["output"], rtol=1e-12, atol=1e-12)
+    assert list(task.get_eval_model().state_dict()) == list(m.state_dict())
+    assert "output" not in fx_timm.FusedClassificationTask(m, 0.1, verbose=False)(x, y)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: FusedHeadLoss(nn.Identity()), "nn.Identity"),
+        (lambda: FusedHeadLoss(nn.Conv2d(4, 5, 3)), "1x1 Conv2d"),
+        (lambda: FusedHeadLoss(nn.Bilinear(2, 2, 3)), "nn.Linear"),
+        (lambda: FusedHeadLoss(nn.Linear(4, 5), label_smoothing=1.5), "label_smoothing"),
+        (lambda: FusedHeadLoss(nn.Linear(4, 5))(torch.randn(2, 3), torch.zeros(2, dtype=torch.long)), "pre_logits"),
+        (
+            lambda: FusedHeadLoss(nn.Linear(4, 5))(
+                torch.randn(2, 4), MixedTarget(torch.zeros(2).long(), torch.zeros(2).long(), 0.5), lam=0.5
+            ),
+            "MixedTarget",
+        ),
+        (lambda: FusedHeadLoss.from_model(nn.Linear(4, 5)), "get_classifier"),
+    ],
+)
+def test_bad_input_names_the_argument(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
+
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("mixup", [False, True])
+def test_gpu_vit21k_head_bf16_within_twice_torch_error(mixup):
+    """ViT-21k head at a tenth of the batch: gradient error vs fp32 no worse than 2x torch bf16's."""
+    torch.manual_seed(10)
+    N, D, Cls = 512, 768, 21841
+    head = nn.Linear(D, Cls, device="cuda")
+    pre = torch.randn(N, D, device="cuda")
+    y = torch.randint(0, Cls, (N,), device="cuda")
+    target = MixedTarget(y, y.flip(0), torch.rand(N, device="cuda"), 0.1) if mixup else y
+
+    def timm_loss(h, p):
+        logits = h(p)
+        if mixup:
+            return SoftTargetCrossEntropy()(logits.float(), target.dense(Cls))
+        return LabelSmoothingCrossEntropy(0.1)(logits.float(), y)
+
+    def grads(loss_of, dtype):
+        h = nn.Linear(D, Cls, device="cuda", dtype=dtype)
+        h.load_state_dict(head.state_dict())
+        p = pre.to(dtype).requires_grad_()
+        loss = loss_of(h, p)
+        return [loss.float()] + [g.float() for g in torch.autograd.grad(loss, [p, h.weight, h.bias])]
+
+    ref = grads(timm_loss, torch.float32)
+    eager = grads(timm_loss, torch.bfloat16)
+    fused = grads(lambda h, p: FusedHeadLoss(h, 0.1)(p, target), torch.bfloat16)
+    assert abs(fused[0] - ref[0]) <= 1e-3 * ref[0]  # the loss itself: fp32 accumulation on both sides
+    for f, e, r in zip(fused[1:], eager[1:], ref[1:], strict=True):
+        assert rel_err(f, r) <= 2 * rel_err(e, r)
