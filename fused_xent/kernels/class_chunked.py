@@ -123,6 +123,16 @@ def _mm_fp32(a, b, out=None):
     return torch.mm(a, b, out_dtype=torch.float32, out=out)
 
 
+def _addmm_fp32(acc, a, b):
+    """``acc += a @ b`` with ``acc`` fp32: inside the GEMM (beta = 1) where cuBLAS can."""
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.float(), b.float())
+
+
 def _chunk_cols(N: int, C: int) -> int:
     cols = max(256, (CHUNK_BYTES // (4 * max(N, 1))) // 256 * 256)
     return min(C, cols)
@@ -192,5 +202,5 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
         if need_dw:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
             torch.mul(_mm_fp32(du.T, x), scale, out=dw[c0:c1])
         if need_dx:
-            dx += _mm_fp32(du, w[c0:c1])
+            _addmm_fp32(dx, du, w[c0:c1])
     return dx, dw, db
