@@ -1,0 +1,255 @@
+"""Margin heads for extreme classification (ArcFace / CosFace / combined margin).
+
+Cosine logits with normalised features and class weights, ``c_ij = <x_i/|x_i|, w_j/|w_j|>``,
+and the combined margin of insightface on the target class only:
+
+    z_ij = s * c_ij                                      (j != y_i)
+    z_iy = s * (cos(m1 * arccos(c_iy) + m2) - m3)        (ArcFace: m2, CosFace: m3, SphereFace: m1)
+    loss_i = lse_j(z_ij) - z_iy
+
+The (N, C) logits are never formed. The batch's distinct target classes T (at most N)
+are taken out of the core's sum by a bias of ``-1e4`` on their columns, so the core
+returns ``lse_R`` over the other classes; the (N, |T|) block of logits against T is
+formed densely, the margin applied at each row's target, and
+
+    lse'_i = logaddexp(lse_R_i, logsumexp_{j in T} z'_ij),    loss_i = lse'_i - z'_iy.
+
+Every term is a sum of exponentials, nothing is subtracted, so value and gradients are
+as exact as the materialised computation (autograd hands the core the exact coefficient
+on ``lse_R``).
+
+Why not swap the target term inside the full lse, ``lse' = lse + log1p(exp(z'_y - lse) -
+exp(z_y - lse))``: ``1 - p_y`` is then a difference of numbers near 1 and carries an
+absolute error of ~2**-24 (fp32). In a trained ArcFace head (target cosine 0.8, others
+near 0, s = 64) ``1 - p_y`` is about e**-29 and ``p'_y`` about e**-25, so the error is
+~1e3 times the quantity: the non-target gradient is lost entirely.
+
+Memory: a normalised copy of the weight (C, D), held for the backward, and the (N, |T|)
+block; the weight's gradient is projected onto the sphere's tangent without a second
+(C, D) buffer.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch import nn
+
+from fused_xent.functional import linear_cross_entropy
+from fused_xent.reference import compute_dtype, matmul_wide
+
+__all__ = ["MarginHead", "margin_cross_entropy", "margin_logits", "margin_target_logit"]
+
+#: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before arccos, whose slope is infinite at +-1.
+COS_EPS = 1e-6
+#: Bias that takes a class out of the core's log-sum-exp: exp(-1e4 + |s|) is 0 in every dtype.
+_EXCLUDED = -1e4
+#: Bytes of wide temporaries the weight normalisation may hold at once.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def margin_target_logit(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
+    """``cos(m1 * arccos(c) + m2) - m3`` (before the scale), c clamped to +-(1 - COS_EPS)."""
+    if m1 == 1.0 and m2 == 0.0:
+        return cos - m3  # CosFace: no arccos, no clamp
+    c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
+    return torch.cos(m1 * torch.arccos(c) + m2) - m3
+
+
+def margin_logits(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """The materialised (N, C) margin logits (the reference; evaluation of small heads).
+
+    ``s * c_ij`` off target, ``s * margin_target_logit(c_iy)`` on target; rows whose target
+    is ``ignore_index`` keep plain ``s * c``."""
+    cos = nn.functional.normalize(input, dim=-1) @ nn.functional.normalize(linear_weight, dim=-1).T
+    keep = target != ignore_index
+    y = torch.where(keep, target, torch.zeros_like(target))
+    c_y = cos.gather(1, y[:, None])
+    onehot = nn.functional.one_hot(y, cos.shape[1]).bool() & keep[:, None]
+    return s * torch.where(onehot, margin_target_logit(c_y, m1, m2, m3), cos)
+
+
+class _NormalizedRows(torch.autograd.Function):
+    """``(w / |w|, w[idx] / |w[idx]|)`` in w's dtype; saves only w, idx and the norms.
+
+    Both passes work in fp32 (fp64 for fp64) on chunks of rows of at most ``_CHUNK_BYTES``;
+    the backward writes the gradient of both outputs into one (C, D) buffer."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        C, D = w.shape
+        norm = torch.linalg.vector_norm(w, dim=1, dtype=compute_dtype(w.dtype)).clamp_min(1e-12)
+        out = torch.empty_like(w)
+        for i, j in _row_chunks(C, D):
+            out[i:j] = w[i:j].to(norm.dtype) / norm[i:j, None]
+        ctx.save_for_backward(w, idx, norm)
+        return out, out[idx]
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor, g_idx: torch.Tensor):
+        w, idx, norm = ctx.saved_tensors
+        C, D = w.shape
+        dw = torch.empty_like(w)
+        for i, j in _row_chunks(C, D):
+            dw[i:j] = _tangent(g[i:j], w[i:j], norm[i:j])
+        dw.index_add_(0, idx, _tangent(g_idx, w[idx], norm[idx]).to(dw.dtype))
+        return dw, None
+
+
+def _tangent(g: torch.Tensor, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
+    """``d(w/|w|)^T g = (g - (g . w) w / |w|^2) / |w|`` in norm's dtype: g without its radial part."""
+    g, w, n = g.to(norm.dtype), w.to(norm.dtype), norm[:, None]
+    radial = (g * w).sum(1, keepdim=True) / (n * n)
+    return (g - radial * w) / n
+
+
+def _row_chunks(rows: int, cols: int):
+    step = max(1, _CHUNK_BYTES // (8 * cols))
+    return ((i, min(i + step, rows)) for i in range(0, rows, step))
+
+
+def margin_cross_entropy(
+    input: torch.Tensor,
+    linear_weight: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    s: float = 64.0,
+    m1: float = 1.0,
+    m2: float = 0.5,
+    m3: float = 0.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    impl: str = "auto",
+) -> torch.Tensor:
+    """Combined-margin cross-entropy (ArcFace m2, CosFace m3, SphereFace m1) on cosine logits,
+    without the (N, C) logits.
+
+    ``loss_i = lse_j(z_ij) - z_iy`` with ``z = s * cos`` off target and
+    ``z_iy = s * (cos(m1 * arccos(c_iy) + m2) - m3)``; see the module docstring for how
+    and how precisely. Equals ``F.cross_entropy(margin_logits(...), target)``.
+
+    Args:
+        input: (N, D) features (any norm); float32 / float16 / bfloat16 / float64.
+        linear_weight: (C, D) class centres (any norm), input's dtype.
+        target: (N,) int64 class indices, or ``ignore_index``.
+        s: logit scale; m1, m2, m3: the margins (ArcFace 1, 0.5, 0; CosFace 1, 0, 0.35-0.4).
+        reduction: "mean" (over kept rows) | "sum" | "none".
+        impl: as in :func:`fused_xent.linear_cross_entropy`.
+    """
+    for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
+        if not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite float, got {value!r}")
+    if not s > 0:
+        raise ValueError(f"s must be > 0, got {s}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(input, torch.Tensor) or input.dim() != 2:
+        raise ValueError(f"input must be an (N, D) tensor, got {_shape(input)}")
+    if not isinstance(linear_weight, torch.Tensor) or linear_weight.dim() != 2:
+        raise ValueError(f"linear_weight must be a (C, D) tensor, got {_shape(linear_weight)}")
+    if linear_weight.shape[1] != input.shape[1]:
+        raise ValueError(
+            f"input has {input.shape[1]} features but linear_weight has {linear_weight.shape[1]} "
+            f"(shapes {tuple(input.shape)} and {tuple(linear_weight.shape)})"
+        )
+    if not isinstance(target, torch.Tensor) or target.shape != input.shape[:1] or target.is_floating_point():
+        raise ValueError(f"target must be ({input.shape[0]},) class indices, got {_shape(target)}")
+
+    C = linear_weight.shape[0]
+    keep = target != ignore_index
+    if bool(((target < 0) | (target >= C))[keep].any()):
+        raise ValueError(f"target contains a class outside [0, {C}) that is not ignore_index={ignore_index}")
+    classes, column = torch.unique(target[keep], return_inverse=True)  # T, and each kept row's place in it
+    wn, wn_t = _NormalizedRows.apply(linear_weight, classes)
+    xn = nn.functional.normalize(input, dim=-1)
+    bias = torch.zeros(C, device=wn.device, dtype=wn.dtype).index_fill_(0, classes, _EXCLUDED)
+    _, lse_rest = linear_cross_entropy(
+        xn, wn, torch.zeros_like(target), linear_bias=bias, scale=s, reduction="none", return_lse=True, impl=impl
+    )
+    wide = lse_rest.dtype
+    block = matmul_wide(xn, wn_t.T).to(wide)  # (N, |T|) cosines against the batch's classes
+    col = torch.zeros_like(target)
+    col[keep] = column
+    if block.shape[1] == 0:  # every row ignored: zeros, still in the graph
+        return _reduce(0.0 * lse_rest, keep, reduction)
+    is_target = nn.functional.one_hot(col, block.shape[1]).bool() & keep[:, None]
+    z_y = s * margin_target_logit(block.gather(1, col[:, None]), m1, m2, m3)  # (N, 1)
+    block = torch.where(is_target, z_y, s * block)
+    lse = torch.logaddexp(lse_rest, torch.logsumexp(block, dim=1))
+    return _reduce(torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse)), keep, reduction)
+
+
+def _reduce(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / keep.sum()
+
+
+def _shape(obj) -> str:
+    return f"shape {tuple(obj.shape)}" if isinstance(obj, torch.Tensor) else type(obj).__name__
+
+
+class MarginHead(nn.Module):
+    """A class-centre matrix (C, D) trained with :func:`margin_cross_entropy`.
+
+    ``MarginHead(512, 1_000_000)`` is ArcFace (s = 64, m2 = 0.5); ``m2=0.0, m3=0.4`` is
+    CosFace. ``forward(features (N, D), target (N,))`` returns the loss;
+    :meth:`cosine` gives the (N, C) cosines for evaluation of small batches.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        *,
+        s: float = 64.0,
+        m1: float = 1.0,
+        m2: float = 0.5,
+        m3: float = 0.0,
+        ignore_index: int = -100,
+        impl: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
+        nn.init.normal_(self.weight, std=0.01)
+        self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
+        self.ignore_index = ignore_index
+        self.impl = impl
+
+    def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return margin_cross_entropy(
+            features.to(self.weight.dtype),
+            self.weight,
+            target,
+            s=self.s,
+            m1=self.m1,
+            m2=self.m2,
+            m3=self.m3,
+            ignore_index=self.ignore_index,
+            impl=self.impl,
+        )
+
+    def cosine(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, C) cosines ``<x/|x|, w/|w|>`` (materialised)."""
+        w = nn.functional.normalize(self.weight, dim=-1)
+        return nn.functional.normalize(features.to(w.dtype), dim=-1) @ w.T
+
+    def extra_repr(self) -> str:
+        C, D = self.weight.shape
+        return f"in_features={D}, num_classes={C}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3})"
