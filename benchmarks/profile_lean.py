@@ -1,29 +1,30 @@
-"""Where the lean (class-chunked) path spends its time: torch.profiler over one fw+bw at
-the Gemma 2 head shape. ``PYTHONPATH=. python benchmarks/profile_lean.py``"""
+"""Where the lean (class-chunked) path spends its time: torch.profiler over one fw+bw.
+``PYTHONPATH=. python benchmarks/profile_lean.py [gemma2|vit21k|...]`` (cases of fused_xent.bench)."""
 
-import math
+import sys
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 import fused_xent
+from fused_xent.bench import CASES, make_inputs
 
-N, D, C = 8192, 2304, 256000
-g = torch.Generator(device="cuda").manual_seed(0)
-x = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
-w = (torch.randn(C, D, device="cuda", generator=g) / math.sqrt(D)).bfloat16().requires_grad_()
-y = torch.randint(0, C, (N,), device="cuda", generator=g)
+case = CASES[sys.argv[1] if len(sys.argv) > 1 else "gemma2"]
+x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
+ls = case.get("ls", 0.0)
 
 
 def step():
     x.grad = w.grad = None
-    fused_xent.linear_cross_entropy(x, w, y, impl="lean").backward()
+    if b is not None:
+        b.grad = None
+    fused_xent.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=ls, impl="lean").backward()
 
 
 for _ in range(3):
     step()
 torch.cuda.synchronize()
-with profile(activities=[ProfilerActivity.CUDA]) as prof:
+with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
     step()
     torch.cuda.synchronize()
-print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60))
+print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=50))

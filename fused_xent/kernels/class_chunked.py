@@ -1,7 +1,9 @@
 """Class-chunked strategy: cuBLAS GEMMs per chunk of classes, Triton kernels between them.
 
-For a chunk of classes ``[c0, c0 + Cc)`` the raw products ``R = X @ W[c0:c0+Cc].T`` (fp32,
-N x Cc) come from one cuBLAS GEMM. Then
+For a chunk of classes ``[c0, c0 + Cc)`` the raw products ``R = X @ W[c0:c0+Cc].T`` (N x Cc)
+come from one cuBLAS GEMM with fp32 accumulation, stored in fp32 — or in bf16 for bf16
+input, the rounding torch's own bf16 ``F.linear`` applies (fp16 keeps fp32: its range is
+too small for logits). Then
 
 - forward: ``chunk_stats_kernel`` turns R into ``z`` (scale, bias, softcap) and folds it
   into running per-row ``(m, s, lin)``; each program owns whole rows, so no atomics;
@@ -133,9 +135,24 @@ def _addmm_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
-def _chunk_cols(N: int, C: int) -> int:
-    cols = max(256, (CHUNK_BYTES // (4 * max(N, 1))) // 256 * 256)
-    return min(C, cols)
+def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def _chunk(x: torch.Tensor, C: int):
+    """The logit-chunk buffer (N, Cc) within ``CHUNK_BYTES``, Cc a multiple of 256."""
+    N = x.shape[0]
+    dtype = _chunk_dtype(x.dtype)
+    cols = max(256, (CHUNK_BYTES // (dtype.itemsize * max(N, 1))) // 256 * 256)
+    return torch.empty((N, min(C, cols)), device=x.device, dtype=dtype)
+
+
+def _raw_products(x, w_chunk, out):
+    """``out = x @ w_chunk.T``, accumulated in fp32 and stored in ``out``'s dtype."""
+    if out.dtype == x.dtype:
+        torch.mm(x, w_chunk.T, out=out)
+    else:
+        _mm_fp32(x, w_chunk.T, out=out)
 
 
 def _kernel_args(b, rt, opts):
@@ -151,14 +168,14 @@ def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     lin = torch.zeros(N, device=x.device)
     if N == 0:
         return m, lin
-    cc = _chunk_cols(N, C)
-    buf = torch.empty((N, cc), device=x.device, dtype=torch.float32)
+    buf = _chunk(x, C)
+    cc = buf.shape[1]
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     block_n = 16
     for c0 in range(0, C, cc):
         c1 = min(c0 + cc, C)
         raw = buf[:, : c1 - c0]
-        _mm_fp32(x, w[c0:c1].T, out=raw)
+        _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
             N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, NEED_LIN=need_lin,
@@ -179,18 +196,18 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
         if dw is not None:
             dw.zero_()
         return dx, dw, db
-    cc = _chunk_cols(N, C)
-    buf = torch.empty((N, cc), device=x.device, dtype=torch.float32)
+    buf = _chunk(x, C)
+    cc = buf.shape[1]
     pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
     block_n = 16
     db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
     for c0 in range(0, C, cc):
         c1 = min(c0 + cc, C)
         raw = buf[:, : c1 - c0]
-        _mm_fp32(x, w[c0:c1].T, out=raw)
-        if x.dtype == torch.float32:
+        _raw_products(x, w[c0:c1], raw)
+        if buf.dtype == x.dtype:
             du = raw
-        else:  # the low-precision dU shares R's rows: same byte pitch, twice the elements
+        else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
             du = buf.view(x.dtype).as_strided((N, c1 - c0), (2 * cc, 1))
         chunk_grad_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
