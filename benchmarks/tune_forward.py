@@ -34,3 +34,21 @@ for cfg in CONFIGS:
         print(f"{cfg}  {ms:.2f} ms  {2 * N * D * C / ms / 1e9:.0f} TFLOP/s  loss diff {abs(loss - ref).item():.1e}")
     except Exception as e:
         print(cfg, "error", type(e).__name__, str(e)[:100])
+
+# The alternative for calls without a backward: cuBLAS chunks of <= 15 MiB plus the stats kernel.
+from fused_xent.formulation import XentOptions, build_row_targets  # noqa: E402
+from fused_xent.kernels.class_chunked import class_chunked_forward_only  # noqa: E402
+
+opts = XentOptions(num_classes=C)
+rt = build_row_targets(y, target2=None, lam=None, class_weight=None, ignore_index=-100, opts=opts)
+one = torch.ones(1, device="cuda")
+torch.cuda.synchronize()
+base = torch.cuda.memory_allocated()
+torch.cuda.reset_peak_memory_stats()
+lse, _ = class_chunked_forward_only(x, w, None, one, rt, opts)
+torch.cuda.synchronize()
+peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+ms = do_bench(lambda: class_chunked_forward_only(x, w, None, one, rt, opts), warmup=50, rep=300, return_mode="median")
+ref_lse = torch.logsumexp(x.float() @ w.float().T, -1)
+err = ((lse - ref_lse).norm() / ref_lse.norm()).item()
+print(f"class-chunked forward-only  {ms:.2f} ms  {2 * N * D * C / ms / 1e9:.0f} TFLOP/s  peak {peak:.1f} MiB  lse err {err:.1e}")

@@ -139,12 +139,21 @@ def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunk(x: torch.Tensor, C: int):
-    """The logit-chunk buffer (N, Cc) within ``CHUNK_BYTES``, Cc a multiple of 256."""
+def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None):
+    """The logit-chunk buffer (N, Cc) within ``nbytes`` (default ``CHUNK_BYTES``), Cc a
+    multiple of 128."""
     N = x.shape[0]
     dtype = _chunk_dtype(x.dtype)
-    cols = max(256, (CHUNK_BYTES // (dtype.itemsize * max(N, 1))) // 256 * 256)
+    cols = max(128, ((nbytes or CHUNK_BYTES) // (dtype.itemsize * max(N, 1))) // 128 * 128)
     return torch.empty((N, min(C, cols)), device=x.device, dtype=dtype)
+
+
+def _chunk_ranges(C: int, cc: int) -> list[tuple[int, int]]:
+    """Class ranges of at most ``cc``; widths stay multiples of 8 except a last tail of
+    fewer than 8 classes (cuBLAS falls back to slow kernels for odd bf16 widths)."""
+    aligned = C - C % 8
+    ranges = [(c0, min(c0 + cc, aligned)) for c0 in range(0, aligned, cc)]
+    return ranges + ([(aligned, C)] if aligned < C else [])
 
 
 def _raw_products(x, w_chunk, out):
@@ -160,7 +169,7 @@ def _kernel_args(b, rt, opts):
     return pointers, t_strides, dict(HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, **flags)
 
 
-def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
+def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk_bytes: int | None = None):
     """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy."""
     N, C = x.shape[0], w.shape[0]
     m = torch.full((N,), float("-inf"), device=x.device)
@@ -168,12 +177,11 @@ def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     lin = torch.zeros(N, device=x.device)
     if N == 0:
         return m, lin
-    buf = _chunk(x, C)
+    buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     block_n = 16
-    for c0 in range(0, C, cc):
-        c1 = min(c0 + cc, C)
+    for c0, c1 in _chunk_ranges(C, cc):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
@@ -182,6 +190,16 @@ def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
     return m + torch.log(s), lin
+
+
+#: Chunk memory of a forward that needs no gradient (evaluation): small, the GEMMs stay large.
+FORWARD_ONLY_CHUNK_BYTES = 15 * 2**20
+
+
+def class_chunked_forward_only(x, w, b, scale, rt, opts, need_lin: bool = True):
+    """The forward for calls without a backward: the same passes with a chunk of at most
+    ``FORWARD_ONLY_CHUNK_BYTES``."""
+    return class_chunked_forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes=FORWARD_ONLY_CHUNK_BYTES)
 
 
 def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
@@ -201,8 +219,7 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
     pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
     block_n = 16
     db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
-    for c0 in range(0, C, cc):
-        c1 = min(c0 + cc, C)
+    for c0, c1 in _chunk_ranges(C, cc):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         if buf.dtype == x.dtype:
