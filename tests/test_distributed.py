@@ -104,10 +104,11 @@ def _problem(case: dict, seed: int):
     return x, w, b, cw, y, extra
 
 
-def _run_case(name: str, case: dict, rank: int, world: int) -> list[str]:
-    """Distributed vs single process on this rank; a list of mismatches (empty: agreement)."""
+def _run_case(name: str, case: dict, rank: int, world: int, device: str = "cpu") -> list[str]:
+    """Distributed vs single process on this rank; a list of mismatches (empty: agreement).
+    float64 on CPU; on CUDA float32 (the Triton and lean paths take no float64)."""
     opts = dict(case["opts"])
-    dtype = opts.pop("dtype", torch.float64)
+    dtype = opts.pop("dtype", torch.float64 if device == "cpu" else torch.float32)
     opts.pop("mixup", None)
     want_grad = opts.pop("grad", True)
     reduce_dx = opts.pop("reduce_input_grad", True)
@@ -115,7 +116,10 @@ def _run_case(name: str, case: dict, rank: int, world: int) -> list[str]:
     impl = opts.pop("impl", "auto")
     learn_scale = opts.get("scale") == "learn"
     want_lse = opts.get("return_lse", False)
-    x, w, b, cw, y, extra = _problem(case, seed=sum(map(ord, name)))
+    x, w, b, cw, y, extra = (
+        t.to(device) if isinstance(t, torch.Tensor) else t for t in _problem(case, seed=sum(map(ord, name)))
+    )
+    extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
     offset = sum(SHARDS[world][:rank])
     rows = slice(offset, offset + SHARDS[world][rank])
 
@@ -123,14 +127,14 @@ def _run_case(name: str, case: dict, rank: int, world: int) -> list[str]:
         xx = x.to(dtype).requires_grad_(want_grad)
         ww = w.to(dtype).requires_grad_(want_grad)
         bb = b.to(dtype).requires_grad_(want_grad) if b is not None else None
-        ss = torch.tensor(2.5, dtype=torch.float64, requires_grad=want_grad) if learn_scale else opts.get("scale")
+        ss = torch.tensor(2.5, device=device, requires_grad=want_grad) if learn_scale else opts.get("scale")
         return xx, ww, bb, ss
 
     def backward(out, tensors):
         loss, lse = out if want_lse else (out, None)
-        total = (loss * torch.randn(loss.shape, generator=torch.Generator().manual_seed(7), dtype=loss.dtype)).sum()
+        total = (loss * torch.randn(loss.shape, generator=torch.Generator().manual_seed(7)).to(loss)).sum()
         if want_lse:
-            total = total + (lse * torch.randn(lse.shape, generator=torch.Generator().manual_seed(8))).sum()
+            total = total + (lse * torch.randn(lse.shape, generator=torch.Generator().manual_seed(8)).to(lse)).sum()
         if not want_grad:
             return [None] * len(tensors)
         return torch.autograd.grad(total, tensors, allow_unused=True)
@@ -229,16 +233,22 @@ def _run_gather(rank: int, world: int) -> list[str]:
     return errors
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+        device = f"cuda:{rank}"
+    backend = "gloo" if device == "cpu" else "nccl"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
-    jobs = {name: (lambda n=name: _run_case(n, CASES[n], rank, world)) for name in CASES}
-    jobs["bad_inputs"] = lambda: _run_bad_inputs(rank, world)
-    jobs["gather_features"] = lambda: _run_gather(rank, world)
+    jobs = {name: (lambda n=name: _run_case(n, CASES[n], rank, world, device)) for name in CASES}
+    if device == "cpu":  # both build their tensors on the CPU; neither depends on the device
+        jobs["bad_inputs"] = lambda: _run_bad_inputs(rank, world)
+        jobs["gather_features"] = lambda: _run_gather(rank, world)
     try:
         for name, job in jobs.items():
-            if CASES.get(name, {}).get("opts", {}).get("impl") and os.environ.get("TRITON_INTERPRET") != "1":
+            interpreted = device == "cpu" and CASES.get(name, {}).get("opts", {}).get("impl")
+            if interpreted and os.environ.get("TRITON_INTERPRET") != "1":
                 results[name] = "skip: needs TRITON_INTERPRET=1"
                 continue
             if name == "gather_features" and (world != 2 or not _has_open_clip()):
@@ -290,6 +300,20 @@ def test_matches_single_process(world_results, name):
         if isinstance(found, str):
             pytest.skip(found)
         assert not found, f"world {world} rank {rank}:\n" + "\n".join(found)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_matches_single_gpu_over_nccl(tmp_path):
+    """The option matrix in float32 on 2 GPUs with NCCL, each rank against one GPU."""
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), "cuda"), nprocs=2, start_method="spawn")
+    failures = []
+    for rank in range(2):
+        for name, found in json.loads((tmp_path / f"rank{rank}.json").read_text()).items():
+            if found and not isinstance(found, str):
+                failures.append(f"rank {rank} {name}:\n" + "\n".join(found))
+    assert not failures, "\n".join(failures)
 
 
 def test_shard_classes_tile_the_classes():
