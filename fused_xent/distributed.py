@@ -4,7 +4,8 @@ feature gathering, on ``torch.distributed`` (NCCL on GPUs, gloo on CPU).
 Rank r holds the rows ``[o_r, o_r + C_r)`` of the classifier; ``input`` and ``target`` are
 the same on every rank. Each rank streams its own classes through the core backend and
 gets per row its partial log-sum-exp ``lse_r`` and linear term ``lin_r = sum_{j in r} tt_ij
-z_ij``. The global row values follow from three reductions of N floats each:
+z_ij``. The global row values follow from an all-reduce (max) of N floats and one (sum)
+of 2N:
 
     m = max_r lse_r,   lse = m + log sum_r exp(lse_r - m),   lin = sum_r lin_r
 
@@ -195,8 +196,8 @@ def linear_cross_entropy(
     with the same options and backpropagate the same upstream gradient (as when each rank
     calls ``backward`` on the loss it got).
 
-    Communication per call: the forward all-reduces 2N floats for the row coefficients, then
-    N (max) and 2N (sum) for lse and the target term; the backward all-reduces the (N, D)
+    Communication per call: the forward all-reduces at most 2N floats for the row
+    coefficients, then N (max) and 2N (sum) for lse and the target term; the backward all-reduces the (N, D)
     fp32 ``dX`` (or nothing but a scalar when ``reduce_input_grad=False``). Never N x C.
 
     Args:

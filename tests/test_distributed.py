@@ -327,7 +327,8 @@ def test_shard_classes_tile_the_classes():
 
 
 def test_needs_a_process_group():
-    assert not dist.is_initialized()
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
     with pytest.raises(RuntimeError, match="init_process_group"):
         distributed.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(3, dtype=torch.long),
                                          class_offset=0)  # fmt: skip
