@@ -27,6 +27,7 @@ class LinearCrossEntropyLoss(nn.Module):
         z_loss: float = 0.0,
         return_lse: bool = False,
         impl: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -38,6 +39,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.z_loss = z_loss
         self.return_lse = return_lse
         self.impl = impl
+        self.deterministic = deterministic
 
     def forward(
         self,
@@ -65,11 +67,12 @@ class LinearCrossEntropyLoss(nn.Module):
             lam=lam,
             return_lse=self.return_lse,
             impl=self.impl,
+            deterministic=self.deterministic,
         )
 
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, scale={self.scale}, softcap={self.softcap}, "
-            f"z_loss={self.z_loss}, impl={self.impl!r}"
+            f"z_loss={self.z_loss}, impl={self.impl!r}, deterministic={self.deterministic}"
         )
