@@ -44,6 +44,32 @@ def _masked_dot(tt: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.where(tt != 0, tt * z, torch.zeros_like(z)).sum(-1)
 
 
+def _target_dot(rt: RowTargets, z: torch.Tensor, smoothing: bool) -> torch.Tensor:
+    """``sum_j tt_ij z_ij`` without a dense ``tt`` for class-index targets."""
+    if rt.y1 is None:
+        return _masked_dot(target_weights(rt, z.shape[1]).to(z.dtype), z)
+    lin = torch.where(rt.k1 != 0, rt.k1 * z.gather(1, rt.y1[:, None])[:, 0], 0.0)
+    if rt.y2 is not None:
+        lin = lin + torch.where(rt.k2 != 0, rt.k2 * z.gather(1, rt.y2[:, None])[:, 0], 0.0)
+    if smoothing:
+        zs = z @ rt.class_weight.to(z.dtype) if rt.class_weight is not None else z.sum(-1)
+        lin = lin + torch.where(rt.e != 0, rt.e * zs, 0.0)
+    return lin
+
+
+def _subtract_targets(dz: torch.Tensor, rt: RowTargets, smoothing: bool) -> None:
+    """``dz -= tt`` in place, without a dense ``tt`` for class-index targets."""
+    if rt.y1 is None:
+        dz -= target_weights(rt, dz.shape[1]).to(dz.dtype)
+        return
+    dz.scatter_add_(1, rt.y1[:, None], -rt.k1[:, None].to(dz.dtype))
+    if rt.y2 is not None:
+        dz.scatter_add_(1, rt.y2[:, None], -rt.k2[:, None].to(dz.dtype))
+    if smoothing:
+        a = rt.class_weight.to(dz.dtype)[None, :] if rt.class_weight is not None else 1.0
+        dz -= rt.e[:, None].to(dz.dtype) * a
+
+
 def reference_rows(x, w, b, scale, rt: RowTargets, opts: XentOptions):
     """Per-row loss and lse with the whole logit matrix materialised (autograd does the rest)."""
     z = logits(x, w, b, scale, opts)
@@ -68,7 +94,7 @@ def chunked_forward(x, w, b, scale, rt: RowTargets, opts: XentOptions, need_lin:
         z = logits(x[start:stop], w, b, scale, opts)
         lse[start:stop] = torch.logsumexp(z, dim=-1)
         if need_lin:
-            lin[start:stop] = _masked_dot(target_weights(rt.rows(start, stop), w.shape[0]).to(z.dtype), z)
+            lin[start:stop] = _target_dot(rt.rows(start, stop), z, opts.label_smoothing != 0)
     return lse, lin
 
 
@@ -87,7 +113,7 @@ def chunked_backward(x, w, b, scale, lse, cp, rt_g: RowTargets, opts, need_dx, n
         stop = min(start + step, N)
         z = logits(x[start:stop], w, b, scale, opts)
         dz = cp[start:stop, None] * torch.exp(z - lse[start:stop, None])
-        dz -= target_weights(rt_g.rows(start, stop), C).to(wide)
+        _subtract_targets(dz, rt_g.rows(start, stop), opts.label_smoothing != 0)
         if opts.softcap is not None:
             dz *= 1.0 - (z / opts.softcap) ** 2
         if need_dx:

@@ -84,19 +84,22 @@ def chunk_stats_kernel(
 @triton.jit
 def chunk_grad_kernel(
     R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
-    N, Cc, c0, stride_tn, stride_tc, softcap,
+    N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """dU of one chunk, written over R (in place: a tile is read whole before its bf16
-    values land on bytes this program has already read)."""
+    """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
+    ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
+    when dU is narrower than R (fp16 over fp32) one program owns whole rows, so its writes
+    land only on bytes it has already read."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
     cp = tl.load(CP + rows, mask=row_mask, other=0.0)
-    for j0 in range(0, Cc, BLOCK_C):
+    col_start = tl.program_id(1) * cols_per_program
+    for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
         cols = c0 + local
@@ -226,9 +229,13 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
             du = raw
         else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
             du = buf.view(x.dtype).as_strided((N, c1 - c0), (2 * cc, 1))
-        chunk_grad_kernel[(triton.cdiv(N, block_n),)](
+        width = c1 - c0
+        col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
+        cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
+        chunk_grad_kernel[(triton.cdiv(N, block_n), col_split)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            db_part if need_db else lse, cc, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, COMPUTE_DB=need_db,
+            db_part if need_db else lse, cc, N, width, c0, cols_per_program, *t_strides, opts.softcap or 1.0,
+            COMPUTE_DB=need_db,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
         if need_db:
