@@ -34,6 +34,14 @@ CASES = {
     "cpu_small": dict(N=256, D=64, C=1000, bias=True, ls=0.1),
 }
 
+#: Sweeps for the plots: classes at the Gemma 2 width, rows at the Llama 3 head.
+SWEEPS = {
+    "classes": [dict(N=8192, D=2304, C=c, compile=False) for c in (32768, 65536, 131072, 262144)],
+    "rows": [dict(N=n, D=4096, C=128256, compile=False) for n in (2048, 4096, 8192, 16384, 32768)],
+    "cpu": [dict(N=n, D=64, C=1000, compile=False) for n in (64, 256)],
+}
+SWEEP_METHODS = ["torch_eager", "fused_xent[auto]", "cce", "liger"]
+
 
 def methods(case: dict, device: str) -> dict:
     """name -> fn(x, w, y, b, ls) returning the mean loss."""
@@ -204,12 +212,36 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plot_sweeps(rows: list[dict], env: dict, path: str) -> None:
+    """Time against classes and peak memory against rows, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("classes", "C", "fwbw_ms", "fw+bw ms"), ("classes", "C", "peak_fwbw_mib", "peak extra MiB"),
+              ("rows", "N", "fwbw_ms", "fw+bw ms"), ("rows", "N", "peak_fwbw_mib", "peak extra MiB")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    for ax, (sweep, xkey, ykey, label) in zip(axes, panels, strict=True):
+        done = [r for r in rows if r.get("sweep") == sweep and "error" not in r]
+        for method in sorted({r["method"] for r in done}):
+            pts = sorted((r[xkey], r[ykey]) for r in done if r["method"] == method)
+            ax.plot(*zip(*pts, strict=True), marker="o", label=method)
+        ax.set(xscale="log", yscale="log", xlabel=xkey, ylabel=label, title=f"{label} vs {xkey} ({sweep} sweep)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, bf16, {env['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m fused_xent bench", description=__doc__.splitlines()[0])
     parser.add_argument("cases", nargs="*", help=f"cases among {sorted(CASES)}")
     parser.add_argument("--only", nargs="*", help="methods whose name contains one of these")
-    parser.add_argument("--out", default=None, help="folder for bench.json and bench.md")
+    parser.add_argument("--out", default=None, help="folder for bench.json, bench.md and the plots")
+    parser.add_argument("--sweep", nargs="*", default=[], help=f"sweeps among {sorted(SWEEPS)} (plotted)")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.cases or (["gemma2"] if device == "cuda" else ["cpu_small"])
@@ -218,6 +250,9 @@ def main(argv: list[str] | None = None) -> None:
         if name not in CASES:
             parser.error(f"unknown case {name!r}; choose from {sorted(CASES)}")
         rows += run_case(name, CASES[name], device, args.only)
+    for sweep in args.sweep:
+        for i, case in enumerate(SWEEPS[sweep]):
+            rows += [dict(r, sweep=sweep) for r in run_case(f"{sweep}{i}", case, device, args.only or SWEEP_METHODS)]
     env = environment(argv)
     md = to_markdown(env, rows)
     if args.out:
@@ -226,4 +261,6 @@ def main(argv: list[str] | None = None) -> None:
             json.dump(dict(env=env, rows=rows), f, indent=1)
         with open(os.path.join(args.out, "bench.md"), "w") as f:
             f.write(md)
+        if args.sweep:
+            plot_sweeps(rows, env, os.path.join(args.out, "sweeps.png"))
     print(md)
