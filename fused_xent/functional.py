@@ -246,6 +246,7 @@ def linear_cross_entropy(
                 deterministic=deterministic,
             )
     _check_options(reduction, label_smoothing, z_loss, softcap, impl)
+    _check_ignore_index(ignore_index)
     impl = _deterministic_impl(impl, deterministic)
     x, w, b = _check_linear(input, linear_weight, linear_bias)
     C, D = w.shape
@@ -341,10 +342,15 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be a float in [0, 1], got {label_smoothing!r}")
-    if not isinstance(z_loss, numbers.Real) or not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be a float >= 0, got {z_loss!r}")
-    if softcap is not None and (not isinstance(softcap, numbers.Real) or not softcap > 0.0):
-        raise ValueError(f"softcap must be None or a float > 0, got {softcap!r}")
+    if not isinstance(z_loss, numbers.Real) or not 0.0 <= z_loss < float("inf"):
+        raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
+    if softcap is not None and (not isinstance(softcap, numbers.Real) or not 0.0 < softcap < float("inf")):
+        raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _check_ignore_index(ignore_index) -> None:
+    if ignore_index is not None and (not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be an int or None, got {_describe(ignore_index)}")
 
 
 def _check_linear(input, linear_weight, linear_bias):
@@ -416,12 +422,12 @@ def _check_mixup(target2, lam, target, batch_shape, dense, device):
     if isinstance(lam, numbers.Real):
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {lam}")
-        lam_rows = torch.full((n,), float(lam), device=device)
+        lam_rows = torch.full((n,), float(lam), device=device, dtype=torch.float64)  # rounded later, per dtype
     elif isinstance(lam, torch.Tensor):
         if lam.numel() == 1:
-            lam_rows = lam.detach().reshape(()).float().expand(n)
+            lam_rows = lam.detach().reshape(()).double().expand(n)
         elif tuple(lam.shape) == tuple(batch_shape) or tuple(lam.shape) == (n,):
-            lam_rows = lam.detach().reshape(n).float()
+            lam_rows = lam.detach().reshape(n).double()
         else:
             raise ValueError(
                 f"lam must be a float or a tensor of shape () or {tuple(batch_shape)}, got {_describe(lam)}"
