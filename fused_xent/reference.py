@@ -26,8 +26,8 @@ def matmul_wide(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     wide = compute_dtype(a.dtype)
     if a.dtype == wide:
         return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=wide)
+    if a.is_cuda and not (torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)):
+        return torch.mm(a, b, out_dtype=wide)  # no autograd formula: only where no gradient flows
     return a.to(wide) @ b.to(wide)
 
 

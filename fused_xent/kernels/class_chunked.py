@@ -24,8 +24,11 @@ import triton.language as tl
 
 from fused_xent.kernels.tiles import target_args, target_tile
 
-#: Bytes of the fp32 logit chunk; the user can lower it (``set_chunk_bytes``).
+#: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
+#: Fewest classes per training chunk: dX += dU @ W[chunk] re-reads fp32 dX (8 N D bytes) per
+#: 2 N Cc D flops, so below ~1000 classes the H100 waits on memory (N = 32768 measured).
+MIN_CHUNK_COLS = 4096
 
 
 def set_chunk_bytes(nbytes: int) -> None:
@@ -148,6 +151,8 @@ def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None):
     N = x.shape[0]
     dtype = _chunk_dtype(x.dtype)
     cols = max(128, ((nbytes or CHUNK_BYTES) // (dtype.itemsize * max(N, 1))) // 128 * 128)
+    if nbytes is None:  # narrower chunks make the fp32 dX read-modify-write cost as much as the GEMM
+        cols = max(cols, MIN_CHUNK_COLS)
     return torch.empty((N, min(C, cols)), device=x.device, dtype=dtype)
 
 
