@@ -75,8 +75,7 @@ def _rows_like(x: torch.Tensor) -> torch.Tensor:
     return x.new_empty((x.shape[0],), dtype=reference.compute_dtype(x.dtype))
 
 
-@torch.library.custom_op("fused_xent::linear_xent_forward", mutates_args=())
-def _forward_op(
+def _forward_impl(
     x: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
@@ -100,13 +99,15 @@ def _forward_op(
         return forward(x, w, b, scale, rt, opts)
 
 
+_forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forward_impl, mutates_args=())
+
+
 @_forward_op.register_fake
 def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
     return _rows_like(x), _rows_like(x)
 
 
-@torch.library.custom_op("fused_xent::linear_xent_backward", mutates_args=())
-def _backward_op(
+def _backward_impl(
     x: torch.Tensor,
     w: torch.Tensor,
     b: torch.Tensor | None,
@@ -131,6 +132,9 @@ def _backward_op(
     return tuple(g if g is not None else x.new_empty((0,), dtype=reference.compute_dtype(x.dtype)) for g in grads)
 
 
+_backward_op = torch.library.custom_op("fused_xent::linear_xent_backward", _backward_impl, mutates_args=())
+
+
 @_backward_op.register_fake
 def _(
     x, w, b, scale, lse, cp, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_dx, need_dw, need_db
@@ -149,13 +153,13 @@ def _setup_forward(ctx, inputs, output):
     ctx.options, ctx.backend = options, backend
 
 
-def _forward_op_backward(ctx, g_lse, g_lin):
+def _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_op):
     """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
     loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
     x, w, b, scale, lse, *targets = ctx.saved_tensors
     need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
     rt_g = RowTargets(*targets).scaled(-g_lin)
-    dx_raw, dw, db = _backward_op(
+    dx_raw, dw, db = backward(
         x, w, b, scale, lse, g_lse.contiguous(), _targets_args(rt_g), *ctx.options, ctx.backend,
         need_x or need_s, need_w, need_b,
     )  # fmt: skip
@@ -167,6 +171,30 @@ def _forward_op_backward(ctx, g_lse, g_lin):
 
 
 _forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward)
+
+
+class _EagerLinearXent(torch.autograd.Function):
+    """The same two passes outside the dispatcher. Eager calls take this path: the custom-op
+    bookkeeping cost about 1 ms per call on the H100 host (benchmarks/profile_host.py), more
+    than the whole GPU work of a ViT-21k head; torch.compile traces the custom ops instead."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
+        inputs = (x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad)
+        output = _forward_impl(*inputs)
+        _setup_forward(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, g_lse, g_lin):
+        return _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_impl)
+
+
+def _linear_xent_rows(*args):
+    """``(lse, lin)`` per row through the custom op while compiling, directly otherwise."""
+    if torch.compiler.is_compiling():
+        return _forward_op(*args)
+    return _EagerLinearXent.apply(*args)
 
 
 def linear_cross_entropy(
@@ -211,10 +239,14 @@ def linear_cross_entropy(
         target2, lam: mixup / cutmix as a second label per row and its weight
             ``1 - lam``; ``lam`` a float or a tensor of ``target``'s shape.
         return_lse: also return the per-row log-sum-exp (differentiable, fp32).
-        impl: "auto" (Triton on CUDA, chunked torch on CPU), "triton" (also on CPU under
-            ``TRITON_INTERPRET=1``), "chunked", or "reference" (materialises logits).
-        deterministic: bitwise-reproducible loss and gradients: "auto" then takes the chunked
-            torch path (no atomic adds). Also on under ``torch.use_deterministic_algorithms(True)``.
+        impl: "auto" ("lean" on CUDA, "chunked" on CPU); "lean": class chunks through cuBLAS
+            with fused Triton kernels between them (exact, deterministic, memory: one chunk);
+            "triton": all-Triton streaming kernels (atomics in the backward); "chunked": row
+            chunks in plain torch; "reference": materialises the logits. "lean" and "triton"
+            also run on CPU tensors under ``TRITON_INTERPRET=1``.
+        deterministic: bitwise-reproducible loss and gradients; refuses impl="triton" (its
+            backward adds tiles with atomics). "auto" (lean on CUDA, chunked on CPU) and "lean"
+            are deterministic anyway. Also on under ``torch.use_deterministic_algorithms(True)``.
 
     Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
     autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.
@@ -275,7 +307,7 @@ def linear_cross_entropy(
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
         need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t))
-        lse, lin = _forward_op(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), backend.name, need_grad)
+        lse, lin = _linear_xent_rows(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), backend.name, need_grad)
         rows = row_loss(lse, lin, rt)
 
     if reduction == "none":
@@ -322,7 +354,7 @@ def _autocast_operand(t, dtype: torch.dtype):
 
 
 def _deterministic_impl(impl: str, deterministic: bool) -> str:
-    """``impl`` with "auto" resolved to "chunked" when determinism is asked for."""
+    """``impl``, refused when determinism is asked for and it is the atomic "triton" path."""
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {_describe(deterministic)}")
     if not (deterministic or torch.are_deterministic_algorithms_enabled()):
@@ -332,7 +364,7 @@ def _deterministic_impl(impl: str, deterministic: bool) -> str:
             "impl='triton' is not deterministic (its backward adds tiles with atomics); with "
             "deterministic=True or torch.use_deterministic_algorithms(True) use impl='auto', 'chunked' or 'reference'"
         )
-    return "chunked" if impl == "auto" else impl
+    return impl  # "auto" is deterministic: lean on CUDA (no atomics), chunked torch on CPU
 
 
 def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:

@@ -129,13 +129,13 @@ def chosen_impls(monkeypatch):
     return seen
 
 
-def test_deterministic_routes_auto_to_chunked(chosen_impls):
+def test_deterministic_keeps_the_atomic_free_impls(chosen_impls):
     x, w, y = torch.randn(4, 3), torch.randn(6, 3), torch.tensor([0, 1, 2, 5])
     linear_cross_entropy(x, w, y)
     linear_cross_entropy(x, w, y, deterministic=True)
     LinearCrossEntropyLoss(deterministic=True)(x, w, y)
     linear_cross_entropy(x, w, y, deterministic=True, impl="reference")
-    assert chosen_impls == ["auto", "chunked", "chunked", "reference"]
+    assert chosen_impls == ["auto", "auto", "auto", "reference"]  # auto is lean / chunked: no atomics
 
 
 def test_global_deterministic_algorithms_are_honoured(chosen_impls):
@@ -148,7 +148,7 @@ def test_global_deterministic_algorithms_are_honoured(chosen_impls):
             linear_cross_entropy(x, w, y, impl="triton")
     finally:
         torch.use_deterministic_algorithms(previous)
-    assert chosen_impls == ["chunked"]
+    assert chosen_impls == ["auto"]
 
 
 def test_deterministic_argument_errors():
