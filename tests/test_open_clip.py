@@ -107,6 +107,20 @@ def test_clip_loss_float32_features_keep_scale_gradient_through_exp():
     assert abs(param.grad.item() - ref_param.grad.item()) <= 1e-5 * abs(ref_param.grad.item())
 
 
+def test_clip_loss_under_autocast_accumulates_in_float32():
+    """Inside open_clip's ``autocast`` the features arrive in bf16 and the scale in fp32; the loss
+    is computed in fp32 from those values, not re-rounded to bf16."""
+    images, texts, scale, _ = _features(20, 12, torch.bfloat16, seed=14)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = _loss_and_grads(fused.FusedClipLoss(), (images, texts, scale.float()))
+    exact = _loss_and_grads(fused.FusedClipLoss(), (images.double(), texts.double(), scale.double()))
+    assert ours[0].dtype == torch.float32
+    assert abs(ours[0].item() - exact[0].item()) <= 1e-6 * abs(exact[0].item())
+    assert _rel(ours[1][2], exact[1][2]) <= 1e-5
+    for got, want in zip(ours[1][:2], exact[1][:2], strict=True):  # bf16 gradients: one rounding
+        assert _rel(got, want) <= torch.finfo(torch.bfloat16).eps
+
+
 def test_clip_lse_matches_torch_logsumexp():
     images, texts, scale, _ = _features(30, 11, torch.float64, seed=5)
     z = scale * images @ texts.T
