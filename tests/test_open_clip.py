@@ -172,7 +172,8 @@ def test_triton_backward_over_strips(dtype):
     x, y, scale, _ = _features(B, D, dtype, seed=7)
     s = scale.float().reshape(1)
     g = torch.Generator().manual_seed(8)
-    g_row, g_col, g_diag = (torch.randn(B, generator=g) for _ in range(3))
+    g_row, g_col = (torch.randn(B, generator=g) for _ in range(2))
+    g_diag = torch.tensor(-0.7).expand(B)  # autograd can hand in stride-0 gradients
     lse_row, lse_col, _ = clip_xent.clip_xent_forward(x, y, s)
     got = clip_xent.clip_xent_backward(
         x, y, s, lse_row, lse_col, g_row, g_col, g_diag, strip_bytes=2 * 16 * B * x.element_size()
@@ -306,6 +307,8 @@ def test_bad_input_names_the_argument():
         fused.FusedClipLoss(use_horovod=True)
     with pytest.raises(ValueError, match="impl"):
         fused.clip_lse(images, texts, impl="cuda")
+    with pytest.raises(ValueError, match="at least one"):
+        loss(images[:0], texts[:0], scale)
 
 
 # ------------------------------------------------------------------ open_clip's training entry point
@@ -394,7 +397,8 @@ def test_gpu_clip_32k_bf16_gradient_error():
     ours = _loss_and_grads(fused.FusedClipLoss(), bf16)
     assert abs(ours[0].item() - exact[0].item()) <= 1e-3 * abs(exact[0].item())
     for ours_g, eager_g, exact_g in zip(ours[1], eager[1], exact[1], strict=True):
-        assert _rel(ours_g, exact_g) <= 2 * _rel(eager_g, exact_g) + 1e-6
+        # floor: a few bf16 roundings of dz, averaged over B terms, stay well under 1e-3
+        assert _rel(ours_g, exact_g) <= max(2 * _rel(eager_g, exact_g), 1e-3)
 
 
 @gpu
@@ -406,4 +410,5 @@ def test_gpu_siglip_16k_bf16_gradient_error():
     ours = _loss_and_grads(fused.FusedSigLipLoss(), (images, texts, scale, bias))
     assert abs(ours[0].item() - exact[0].item()) <= 1e-3 * abs(exact[0].item())
     for ours_g, eager_g, exact_g in zip(ours[1], eager[1], exact[1], strict=True):
-        assert _rel(ours_g, exact_g) <= 2 * _rel(eager_g, exact_g) + 1e-6
+        # floor: a few bf16 roundings of dz, averaged over B terms, stay well under 1e-3
+        assert _rel(ours_g, exact_g) <= max(2 * _rel(eager_g, exact_g), 1e-3)

@@ -26,6 +26,7 @@ text features between neighbouring ranks.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -88,9 +89,11 @@ def chunked_clip_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
 
 @dataclass(frozen=True)
 class _ClipBackend:
+    """``clip_xent_forward`` / ``clip_xent_backward`` or their plain-torch twins."""
+
     name: str
-    forward: object
-    backward: object
+    forward: Callable
+    backward: Callable
 
 
 def _clip_backend(impl: str, x: torch.Tensor) -> _ClipBackend:
@@ -508,6 +511,8 @@ def _check_features(x, y, x_name: str, y_name: str, same_rows: bool = True) -> N
     for name, t in ((x_name, x), (y_name, y)):
         if not isinstance(t, torch.Tensor) or t.dim() != 2 or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a (B, D) float tensor, got {_describe(t)}")
+    if x.shape[0] == 0 or y.shape[0] == 0:
+        raise ValueError(f"{x_name} and {y_name} need at least one row each, got {tuple(x.shape)} and {tuple(y.shape)}")
     if (x.shape if same_rows else x.shape[1:]) != (y.shape if same_rows else y.shape[1:]):
         expected = "the same shape" if same_rows else "the same feature size D"
         raise ValueError(f"{x_name} {tuple(x.shape)} and {y_name} {tuple(y.shape)} must have {expected}")

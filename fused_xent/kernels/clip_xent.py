@@ -253,6 +253,8 @@ def clip_xent_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag, stri
     the input dtype (fp32 accumulation), ``dscale`` a 1-element fp32 tensor."""
     B, D = x.shape
     blocks = _backward_blocks(x.device)
+    # autograd may hand in expanded (stride 0) gradients; the kernel indexes them densely
+    g_row, g_col, g_diag = (t.contiguous() for t in (g_row, g_col, g_diag))
     # every dz / unit lies in [-2, 2]: fp16 / bf16 strips neither underflow nor overflow
     unit = torch.stack([g_row.abs().max(), g_col.abs().max(), g_diag.abs().max()]).max().clamp_min(1e-30)
     rows_per_strip = strip_rows(B, x.element_size(), blocks["BLOCK_M"], strip_bytes)
