@@ -220,8 +220,17 @@ def test_gpu_past_32_bit_indexing_matches_chunked(case, impl):
     ref = _gpu_loss_and_grads(x, w, b, y, "chunked")
     got = _gpu_loss_and_grads(x, w, b, y, impl)
     # same bf16 operands and fp32 sums: the loss to fp32 rounding, gradients to the bf16
-    # rounding of the logit gradient that the kernels feed to their GEMMs
-    assert _rel32(got[0], ref[0]) < 1e-5 and _rel32(got[1], ref[1]) < 1e-5
+    # rounding of the logit gradient that the kernels feed to their GEMMs. "auto" (lean) also
+    # rounds the logits to bf16, as torch's own F.linear does: there the bound for loss and lse
+    # is twice the error of torch's own bf16 logits.
+    bound = [1e-5, 1e-5]
+    if impl == "auto":
+        with torch.no_grad():
+            z = F.linear(x, w, b).float()
+            own = [F.cross_entropy(z, y, label_smoothing=0.1), torch.logsumexp(z, -1)]
+            del z
+        bound = [max(1e-5, 2 * _rel32(o, r)) for o, r in zip(own, ref[:2], strict=True)]
+    assert _rel32(got[0], ref[0]) < bound[0] and _rel32(got[1], ref[1]) < bound[1], bound
     for name, a, e in zip(("dx", "dw", "db"), got[2:], ref[2:], strict=True):
         assert _rel32(a, e) < 8e-3, name
     # the last rows and classes (offsets past 2**31) are as right as the first
