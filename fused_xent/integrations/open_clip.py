@@ -34,6 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from fused_xent.distributed import gather_features
 from fused_xent.functional import linear_cross_entropy
 from fused_xent.reference import chunk_rows, compute_dtype, matmul_wide
 
@@ -279,30 +280,6 @@ def siglip_block_loss(
 
 
 # ---------------------------------------------------------------- distributed plumbing
-
-
-def gather_features(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    local_loss: bool = False,
-    gather_with_grad: bool = False,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """All ranks' features concatenated in rank order, with open_clip's gradient semantics:
-    through every rank's slice (``gather_with_grad``, backward sums over ranks), or only through
-    this rank's own slice (without it, and not ``local_loss``), or none (``local_loss``)."""
-    if gather_with_grad:
-        from torch.distributed import nn as dist_nn
-
-        return torch.cat(dist_nn.all_gather(image_features), dim=0), torch.cat(dist_nn.all_gather(text_features), dim=0)
-    images = [torch.zeros_like(image_features) for _ in range(world_size)]
-    texts = [torch.zeros_like(text_features) for _ in range(world_size)]
-    dist.all_gather(images, image_features.contiguous())
-    dist.all_gather(texts, text_features.contiguous())
-    if not local_loss:
-        images[rank], texts[rank] = image_features, text_features
-    return torch.cat(images, dim=0), torch.cat(texts, dim=0)
 
 
 def _exchange(from_rank: int, to_rank: int, tensor: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_xent.kernels.tiles import target_args, target_tile
+from fused_xent.kernels.tiles import logit_epilogue, target_args, target_tile
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
@@ -37,16 +37,6 @@ def set_chunk_bytes(nbytes: int) -> None:
     if nbytes < 2**20:
         raise ValueError(f"chunk memory must be at least 1 MiB, got {nbytes} bytes")
     CHUNK_BYTES = int(nbytes)
-
-
-@triton.jit
-def _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
-    u = r * scale
-    if HAS_BIAS:
-        u += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        u = softcap * (1.0 - 2.0 / (tl.exp(2.0 * u / softcap) + 1.0))
-    return u
 
 
 @triton.jit
@@ -69,7 +59,7 @@ def chunk_stats_kernel(
         col_mask = local < Cc
         cols = c0 + local
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
-        z = _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         zm = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(zm, axis=1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -108,7 +98,7 @@ def chunk_grad_kernel(
         cols = c0 + local
         mask = row_mask[:, None] & col_mask[None, :]
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
-        z = _z_from_raw(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                          HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
         du = cp[:, None] * tl.exp(z - lse[:, None]) - tt

@@ -46,7 +46,13 @@ def logit_tile(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    z = acc * scale
+    return logit_epilogue(acc, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def logit_epilogue(raw, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``softcap(scale * raw + b[cols])`` in fp32 for a tile of raw products ``x . w``."""
+    z = raw * scale
     if HAS_BIAS:
         z += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if HAS_SOFTCAP:
