@@ -241,9 +241,16 @@ def mm_wide(a: torch.Tensor, b: torch.Tensor, wide: torch.dtype) -> torch.Tensor
     return a.to(wide) @ b.to(wide)
 
 
-def strip_rows(B: int, element_size: int, block: int, strip_bytes: int = STRIP_BYTES) -> int:
-    """Rows of ``dz`` per strip: a multiple of ``block`` within ``strip_bytes`` (at least one block)."""
-    rows = strip_bytes // max(1, B * element_size)
+#: Fewest rows per strip on a GPU: every strip re-reads and re-writes the fp32 ``dY`` (8 B D bytes)
+#: for 2 rows B D flops of its GEMM; at 128-row strips (B = 256k under STRIP_BYTES) that traffic
+#: dominated the backward (H100 sweep in benchmarks/NVIDIA-H100-80GB-HBM3/clip.md).
+MIN_STRIP_ROWS = 1024
+
+
+def strip_rows(B: int, element_size: int, block: int, strip_bytes: int = STRIP_BYTES, min_rows: int = 0) -> int:
+    """Rows of ``dz`` per strip: a multiple of ``block`` within ``strip_bytes`` (at least one block,
+    and at least ``min_rows``)."""
+    rows = max(strip_bytes // max(1, B * element_size), min_rows)
     return max(block, rows // block * block)
 
 
@@ -257,7 +264,8 @@ def clip_xent_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag, stri
     g_row, g_col, g_diag = (t.contiguous() for t in (g_row, g_col, g_diag))
     # every dz / unit lies in [-2, 2]: fp16 / bf16 strips neither underflow nor overflow
     unit = torch.stack([g_row.abs().max(), g_col.abs().max(), g_diag.abs().max()]).max().clamp_min(1e-30)
-    rows_per_strip = strip_rows(B, x.element_size(), blocks["BLOCK_M"], strip_bytes)
+    min_rows = MIN_STRIP_ROWS if x.is_cuda else 0
+    rows_per_strip = strip_rows(B, x.element_size(), blocks["BLOCK_M"], strip_bytes, min_rows)
     strip = torch.empty((min(rows_per_strip, B), B), device=x.device, dtype=x.dtype)
     dx = torch.empty_like(x)
     dy_acc = torch.zeros((B, D), device=x.device, dtype=torch.float32)
