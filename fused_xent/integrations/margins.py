@@ -9,10 +9,14 @@ and the combined margin of insightface on the target class only:
 
 The (N, C) logits are never formed. The batch's distinct target classes T (at most N)
 are taken out of the core's sum by a bias of ``-1e4`` on their columns, so the core
-returns ``lse_R`` over the other classes; the (N, |T|) block of logits against T is
-formed densely, the margin applied at each row's target, and
+returns ``lse_R`` over the other classes; the block of logits against T is formed
+densely, the margin applied at each row's target, and
 
     lse'_i = logaddexp(lse_R_i, logsumexp_{j in T} z'_ij),    loss_i = lse'_i - z'_iy.
+
+T is held as the N sorted targets, each class live in its first slot only (the other
+slots' logits are -inf), so its size never depends on the data: no host sync, and
+``torch.compile(fullgraph=True)`` traces it.
 
 Every term is a sum of exponentials, nothing is subtracted, so value and gradients are
 as exact as the materialised computation (autograd hands the core the exact coefficient
@@ -24,7 +28,7 @@ absolute error of ~2**-24 (fp32). In a trained ArcFace head (target cosine 0.8, 
 near 0, s = 64) ``1 - p_y`` is about e**-29 and ``p'_y`` about e**-25, so the error is
 ~1e3 times the quantity: the non-target gradient is lost entirely.
 
-Memory: a normalised copy of the weight (C, D), held for the backward, and the (N, |T|)
+Memory: a normalised copy of the weight (C, D), held for the backward, and the (N, N)
 block; the weight's gradient is projected onto the sphere's tangent without a second
 (C, D) buffer.
 """
@@ -147,6 +151,9 @@ def margin_cross_entropy(
         s: logit scale; m1, m2, m3: the margins (ArcFace 1, 0.5, 0; CosFace 1, 0, 0.35-0.4).
         reduction: "mean" (over kept rows) | "sum" | "none".
         impl: as in :func:`fused_xent.linear_cross_entropy`.
+
+    A class outside [0, C) on a row that is not ignored raises a ValueError, except while
+    compiling (the check needs a host sync): there that row's loss is NaN.
     """
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
         if not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -167,28 +174,31 @@ def margin_cross_entropy(
     if not isinstance(target, torch.Tensor) or target.shape != input.shape[:1] or target.is_floating_point():
         raise ValueError(f"target must be ({input.shape[0]},) class indices, got {_shape(target)}")
 
-    C = linear_weight.shape[0]
+    C, N = linear_weight.shape[0], target.shape[0]
     keep = target != ignore_index
-    if bool(((target < 0) | (target >= C))[keep].any()):
+    bad = keep & ((target < 0) | (target >= C))
+    if not torch.compiler.is_compiling() and bool(bad.any()):
         raise ValueError(f"target contains a class outside [0, {C}) that is not ignore_index={ignore_index}")
-    classes, column = torch.unique(target[keep], return_inverse=True)  # T, and each kept row's place in it
-    wn, wn_t = _NormalizedRows.apply(linear_weight, classes)
+    # T as N sorted slots without a host sync (torch.unique's size is data-dependent): ignored
+    # and out-of-range rows hold the absent class C, and only each class's first slot is live
+    t = torch.where(keep & ~bad, target, C)
+    slots = torch.sort(t).values
+    live = (slots < C) & torch.cat([slots[:1] == slots[:1], slots[1:] != slots[:-1]])
+    col = torch.searchsorted(slots, t)  # each row's first slot
+    wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
     xn = nn.functional.normalize(input, dim=-1)
-    bias = torch.zeros(C, device=wn.device, dtype=wn.dtype).index_fill_(0, classes, _EXCLUDED)
+    bias = torch.zeros(C + 1, device=wn.device, dtype=wn.dtype).index_fill_(0, slots, _EXCLUDED)[:C]
     _, lse_rest = linear_cross_entropy(
         xn, wn, torch.zeros_like(target), linear_bias=bias, scale=s, reduction="none", return_lse=True, impl=impl
     )
     wide = lse_rest.dtype
-    block = matmul_wide(xn, wn_t.T).to(wide)  # (N, |T|) cosines against the batch's classes
-    col = torch.zeros_like(target)
-    col[keep] = column
-    if block.shape[1] == 0:  # every row ignored: zeros, still in the graph
-        return _reduce(0.0 * lse_rest, keep, reduction)
-    is_target = nn.functional.one_hot(col, block.shape[1]).bool() & keep[:, None]
+    block = matmul_wide(xn, wn_t.T).to(wide)  # (N, N) cosines against the batch's classes
+    is_target = (col[:, None] == torch.arange(N, device=col.device)) & keep[:, None]
     z_y = s * margin_target_logit(block.gather(1, col[:, None]), m1, m2, m3)  # (N, 1)
-    block = torch.where(is_target, z_y, s * block)
+    block = torch.where(is_target, z_y, s * block).masked_fill(~live, float("-inf"))
     lse = torch.logaddexp(lse_rest, torch.logsumexp(block, dim=1))
-    return _reduce(torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse)), keep, reduction)
+    rows = torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse))
+    return _reduce(rows.masked_fill(bad, float("nan")), keep, reduction)
 
 
 def _reduce(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -97,41 +97,113 @@ class _ClipBackend:
     backward: Callable
 
 
+def _triton_clip_backend() -> _ClipBackend:
+    from fused_xent.kernels.clip_xent import clip_xent_backward, clip_xent_forward
+
+    return _ClipBackend("triton", clip_xent_forward, clip_xent_backward)
+
+
+#: Every backend ``_clip_backend`` can return, by name: the custom ops below receive the name.
+_CLIP_BACKENDS = {
+    "chunked": lambda: _ClipBackend("chunked", chunked_clip_forward, chunked_clip_backward),
+    "triton": _triton_clip_backend,
+}
+
+
 def _clip_backend(impl: str, x: torch.Tensor) -> _ClipBackend:
     use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and x.dtype != torch.float64)
     if not use_triton:
-        return _ClipBackend("chunked", chunked_clip_forward, chunked_clip_backward)
+        return _CLIP_BACKENDS["chunked"]()
     if x.dtype == torch.float64:
         raise ValueError("impl='triton' supports float32, float16 and bfloat16 features, got float64")
     from fused_xent.kernels.config import interpreting
 
     if not x.is_cuda and not interpreting():
         raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    from fused_xent.kernels.clip_xent import clip_xent_backward, clip_xent_forward
-
-    return _ClipBackend("triton", clip_xent_forward, clip_xent_backward)
+    return _CLIP_BACKENDS["triton"]()
 
 
-class _ClipLse(torch.autograd.Function):
-    """``(lse_row, lse_col, diag)`` of ``scale * x @ y.T``; backward recomputes the logits once."""
+# As in fused_xent.functional: the backends run inside two custom ops, so that
+# torch.compile(fullgraph=True) sees one opaque node per pass instead of kernel launches and
+# Python loops over chunks; eager calls go through _EagerClipLse, outside the dispatcher.
+
+
+def _clip_rows_like(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((x.shape[0],), dtype=compute_dtype(x.dtype))
+
+
+def _clip_forward_impl(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, backend: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(lse_row, lse_col, diag)`` of ``scale * x @ y.T`` from the named backend."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _CLIP_BACKENDS[backend]().forward(x, y, scale)
+
+
+_clip_forward_op = torch.library.custom_op("fused_xent::clip_lse_forward", _clip_forward_impl, mutates_args=())
+
+
+@_clip_forward_op.register_fake
+def _(x, y, scale, backend):
+    return _clip_rows_like(x), _clip_rows_like(x), _clip_rows_like(x)
+
+
+def _clip_backward_impl(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    scale: torch.Tensor,
+    lse_row: torch.Tensor,
+    lse_col: torch.Tensor,
+    g_row: torch.Tensor,
+    g_col: torch.Tensor,
+    g_diag: torch.Tensor,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dy, dscale)`` of ``g_row . lse_row + g_col . lse_col + g_diag . diag``."""
+    with torch.autocast(x.device.type, enabled=False):
+        return _CLIP_BACKENDS[backend]().backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag)
+
+
+_clip_backward_op = torch.library.custom_op("fused_xent::clip_lse_backward", _clip_backward_impl, mutates_args=())
+
+
+@_clip_backward_op.register_fake
+def _(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag, backend):
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty((1,), dtype=compute_dtype(x.dtype))
+
+
+def _clip_setup(ctx, inputs, output):
+    x, y, scale, backend = inputs
+    ctx.save_for_backward(x, y, scale, output[0], output[1])
+    ctx.backend = backend
+
+
+def _clip_lse_backward(ctx, g_row, g_col, g_diag, backward=_clip_backward_op):
+    """Backward of ``(lse_row, lse_col, diag)``: the logits are recomputed once."""
+    x, y, scale, lse_row, lse_col = ctx.saved_tensors
+    wide = lse_row.dtype
+    dx, dy, dscale = backward(
+        x, y, scale, lse_row, lse_col, g_row.to(wide), g_col.to(wide), g_diag.to(wide), ctx.backend
+    )
+    need_x, need_y, need_s = ctx.needs_input_grad[:3]
+    return dx if need_x else None, dy if need_y else None, dscale.to(scale.dtype) if need_s else None, None
+
+
+_clip_forward_op.register_autograd(_clip_lse_backward, setup_context=_clip_setup)
+
+
+class _EagerClipLse(torch.autograd.Function):
+    """The same two passes outside the dispatcher, for eager calls."""
 
     @staticmethod
-    def forward(ctx, x, y, scale, backend: _ClipBackend):
-        lse_row, lse_col, diag = backend.forward(x, y, scale)
-        ctx.save_for_backward(x, y, scale, lse_row, lse_col)
-        ctx.backend = backend
-        return lse_row, lse_col, diag
+    def forward(ctx, x, y, scale, backend: str):
+        output = _clip_forward_impl(x, y, scale, backend)
+        _clip_setup(ctx, (x, y, scale, backend), output)
+        return output
 
     @staticmethod
     def backward(ctx, g_row, g_col, g_diag):
-        x, y, scale, lse_row, lse_col = ctx.saved_tensors
-        wide = lse_row.dtype
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dscale = ctx.backend.backward(
-                x, y, scale, lse_row, lse_col, g_row.to(wide), g_col.to(wide), g_diag.to(wide)
-            )
-        need_x, need_y, need_s = ctx.needs_input_grad[:3]
-        return dx if need_x else None, dy if need_y else None, dscale.to(scale.dtype) if need_s else None, None
+        return _clip_lse_backward(ctx, g_row, g_col, g_diag, backward=_clip_backward_impl)
 
 
 def clip_lse(x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0, *, impl: str = "auto"):
@@ -150,9 +222,11 @@ def clip_lse(x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     scale_t = _as_scale(scale, x.device, "scale")
-    backend = _clip_backend(impl, x)
+    backend = _clip_backend(impl, x).name
     with torch.autocast(x.device.type, enabled=False):
-        return _ClipLse.apply(x, y, scale_t, backend)
+        if torch.compiler.is_compiling():
+            return _clip_forward_op(x, y, scale_t, backend)
+        return _EagerClipLse.apply(x, y, scale_t, backend)
 
 
 def clip_loss(

@@ -17,14 +17,15 @@ One code path for every family, through the model's public pieces only:
 Nothing copies a family's ``forward``. The first call for a model compares the logits the
 model itself returns for the last position with ``z`` above and raises if they differ, so a
 family that transforms its logits in a way this module does not know fails loudly instead
-of training on a different loss.
+of training on a different loss. That first call also registers the hook for good (inert
+outside the loss) and must run eagerly; later calls compile with
+``torch.compile(fullgraph=True)``.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -43,8 +44,8 @@ LOGIT_SCALE_FIELDS = {"logit_scale": True, "logits_scaling": False, "lm_head_mul
 #: of one GEMM and one elementwise op in that dtype; a missed scale or softcap is far above.
 _HEAD_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 3e-2}
 
-_CHECKED: weakref.WeakSet = weakref.WeakSet()
 _ORIGINAL_FORWARD = "_fused_xent_original_forward"
+_CAPTURE = "_fused_xent_capture"
 
 
 @dataclass(frozen=True)
@@ -213,10 +214,10 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     if base is model:
         raise ValueError(f"cannot find the base model of {type(model).__name__}: model.base_model is the model itself")
 
-    check = model not in _CHECKED
+    capture = _hidden_state_capture(model, base)
+    check = not capture.head_checked
     positions = torch.arange(targets.shape[-1] - 1, targets.shape[-1]) if check else torch.empty(0, dtype=torch.long)
-    captured = []
-    handle = base.register_forward_hook(lambda module, args, out: captured.append(_last_hidden_state(out)))
+    capture.armed, capture.hidden = True, None
     try:
         output = forward(
             input_ids=input_ids,
@@ -226,10 +227,10 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
             **kwargs,
         )
     finally:
-        handle.remove()
-    if not captured:
+        capture.armed = False
+    h, capture.hidden = capture.hidden, None
+    if h is None:
         raise ValueError(f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward")
-    h = captured[-1]
     if tuple(h.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
             f"labels have shape {tuple(targets.shape)} but the model's hidden states have shape {tuple(h.shape)}; "
@@ -237,7 +238,7 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         )
     if check:
         _check_head(model, head, h[:, positions.to(h.device)], output.logits)
-        _CHECKED.add(model)
+        capture.head_checked = True
 
     x, w, b = _head_operands(h, head)
     loss = linear_cross_entropy(
@@ -261,6 +262,41 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     if user_return_dict is False or (user_return_dict is None and not getattr(model.config, "return_dict", True)):
         output = output.to_tuple()
     return output, loss
+
+
+class _HiddenStateCapture:
+    """The forward hook on ``model.base_model`` that keeps its last hidden state while armed
+    (one call of :func:`_fused_forward`) and does nothing otherwise; also records that the
+    model's head passed :func:`_check_head`."""
+
+    def __init__(self) -> None:
+        self.armed = False
+        self.hidden: torch.Tensor | None = None
+        self.head_checked = False
+
+    def __call__(self, module, args, out) -> None:
+        if self.armed:
+            self.hidden = _last_hidden_state(out)
+
+
+def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapture:
+    """The model's capture hook, registered by its first call and kept: torch.compile cannot
+    trace registering a hook, nor the head check's host sync, so the first call runs eagerly."""
+    capture = model.__dict__.get(_CAPTURE)
+    if capture is not None and capture.head_checked:
+        return capture
+    if torch.compiler.is_compiling():
+        raise RuntimeError(
+            f"the first fused_xent loss of this {type(model).__name__} must run eagerly: it registers a hook "
+            "on model.base_model and checks the model's logits against the head (a host sync), neither of "
+            "which torch.compile can trace; call causal_lm_loss (or the patched model with labels) once "
+            "without torch.compile, then compile"
+        )
+    if capture is None:
+        capture = _HiddenStateCapture()
+        base.register_forward_hook(capture)
+        model.__dict__[_CAPTURE] = capture
+    return capture
 
 
 def _shift(labels, shift_labels) -> torch.Tensor:
