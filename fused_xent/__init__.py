@@ -5,8 +5,8 @@
 with a logit scale, softcapping, z-loss, mixup targets and the per-row log-sum-exp.
 """
 
-from fused_xent.functional import linear_cross_entropy
+from fused_xent.functional import linear_cross_entropy, set_memory_budget
 from fused_xent.modules import LinearCrossEntropyLoss
 
-__all__ = ["linear_cross_entropy", "LinearCrossEntropyLoss"]
+__all__ = ["linear_cross_entropy", "set_memory_budget", "LinearCrossEntropyLoss"]
 __version__ = "0.1.0"

@@ -111,7 +111,7 @@ def build_row_targets(
     NaN instead of silently wrong, and no host sync is needed (as under ``torch.compile``)."""
     eps, C = opts.label_smoothing, opts.num_classes
     device = target.device
-    a_sum = class_weight.sum() if class_weight is not None else torch.tensor(float(C), device=device, dtype=dtype)
+    a_sum = class_weight.sum() if class_weight is not None else float(C)
     if target.is_floating_point():
         n = target.shape[0]
         d = torch.full((n,), 1.0 - eps, device=device, dtype=dtype)
@@ -131,28 +131,30 @@ def build_row_targets(
             zl=torch.full((n,), opts.z_loss, device=device, dtype=dtype),
             row_weight=torch.ones(n, device=device, dtype=dtype),
         )
-    keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
-    keep_f = keep.to(dtype)
+    # few, small operations: on a small head every launch here is host time (benchmarks/NOTES.md)
+    keep = None if ignore_index is None else target != ignore_index
+    keep_f = torch.ones(target.shape, device=device, dtype=dtype) if keep is None else keep.to(dtype)
 
     def label(t):
-        bad = keep & ((t < 0) | (t >= C))
-        t = torch.where(keep & ~bad, t, torch.zeros_like(t))
-        a = class_weight[t] if class_weight is not None else torch.ones_like(keep_f)
-        return t, a * keep_f, bad
+        valid = t.clamp(0, C - 1)  # ignored rows get a valid index; their k is 0
+        bad = valid != t
+        if keep is not None:
+            bad &= keep
+        a = keep_f if class_weight is None else class_weight[valid] * keep_f
+        return valid, a, bad
 
     y1, a1, bad = label(target)
-    c1 = lam if lam is not None else torch.ones_like(keep_f)
-    k1 = (1.0 - eps) * c1 * a1
-    row_weight = c1 * a1
+    k1 = (1.0 - eps) * a1 if lam is None else (1.0 - eps) * lam * a1
+    row_weight = a1 if lam is None else lam * a1
     y2 = k2 = None
     if target2 is not None:
         y2, a2, bad2 = label(target2)
-        k2 = (1.0 - eps) * (1.0 - c1) * a2
-        row_weight = row_weight + (1.0 - c1) * a2
-        bad = bad | bad2 | ~((c1 >= 0) & (c1 <= 1))
-    k1 = torch.where(bad, torch.full_like(k1, float("nan")), k1)
+        k2 = (1.0 - eps) * (1.0 - lam) * a2
+        row_weight = row_weight + (1.0 - lam) * a2
+        bad = bad | bad2 | ~((lam >= 0) & (lam <= 1))
+    k1 = k1.masked_fill(bad, float("nan"))
     e = (eps / C) * keep_f
-    lse_coef = k1 + (k2 if k2 is not None else 0.0) + e * a_sum
+    lse_coef = k1 + e * a_sum if k2 is None else k1 + k2 + e * a_sum
     return RowTargets(
         y1=y1,
         k1=k1,

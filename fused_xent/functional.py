@@ -7,6 +7,7 @@ dimensions, picks a backend and wires autograd.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import numbers
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import torch
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
 
-IMPLS = ("auto", "triton", "lean", "chunked", "reference")
+IMPLS = ("auto", "lean", "fast", "filtered", "triton", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -50,8 +51,20 @@ def _class_chunked_backend() -> Backend:
     return Backend("class_chunked", class_chunked_forward, class_chunked_backward, linear_xent_forward)
 
 
+def _filtered_backend() -> Backend:
+    from fused_xent.kernels.class_chunked import class_chunked_backward_filtered, class_chunked_forward
+    from fused_xent.kernels.linear_xent_forward import linear_xent_forward
+
+    return Backend("filtered", class_chunked_forward, class_chunked_backward_filtered, linear_xent_forward)
+
+
 #: Every backend ``_choose`` can return, by name: the custom ops below receive the name.
-_BACKENDS = {"chunked": lambda: CHUNKED, "triton": _triton_backend, "class_chunked": _class_chunked_backend}
+_BACKENDS = {
+    "chunked": lambda: CHUNKED,
+    "triton": _triton_backend,
+    "class_chunked": _class_chunked_backend,
+    "filtered": _filtered_backend,
+}
 
 
 # The backends run inside two custom ops, so that torch.compile(fullgraph=True) sees one
@@ -190,6 +203,107 @@ class _EagerLinearXent(torch.autograd.Function):
         return _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_impl)
 
 
+# The fast strategy forms the gradients during the forward, for the upstream gradient a
+# reduced loss ("mean" or "sum") sends to each row; the backward only multiplies them by the
+# scalar upstream gradient. The same two layers as above: a custom op while compiling, an
+# autograd.Function in eager mode.
+
+
+def _fast_impl(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    scale: torch.Tensor,
+    targets: list[torch.Tensor | None],
+    num_classes: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    reduction: str,
+    rows: int,
+    scale_is_one: bool,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    need_ds: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, lse, dx, dw, db, dscale)``: the reduced loss, the per-row lse and the
+    gradients of the loss (empty tensors for those not needed), each in its input's dtype."""
+    from fused_xent.kernels.row_chunked import row_chunked_loss_grads
+
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    kept = ((rt.lse_coef != 0) | (rt.zl != 0)).to(rt.e.dtype)  # rows row_loss does not zero
+    g_rows = kept / rt.row_weight.sum() if reduction == "mean" else kept
+    with torch.autocast(x.device.type, enabled=False):
+        lse, lin, dx_raw, dw, db = row_chunked_loss_grads(
+            x, w, b, scale, rt, opts, g_rows, rows, need_dx or need_ds, need_dw, need_db, scale_is_one
+        )
+    loss = _reduce(row_loss(lse, lin, rt), rt, reduction)
+    empty = x.new_empty((0,))
+    dx = (dx_raw * scale).to(x.dtype) if need_dx else empty
+    dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else empty
+    return loss, lse, dx, dw if need_dw else empty, db.to(b.dtype) if need_db else empty, dscale
+
+
+_fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, mutates_args=())
+
+
+@_fast_op.register_fake
+def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, reduction, rows, scale_is_one, *needs):
+    need_dx, need_dw, need_db, need_ds = needs
+
+    def out(needed: bool, like: torch.Tensor | None, *shape: int) -> torch.Tensor:
+        return (like if needed else x).new_empty(shape if needed else (0,))
+
+    loss = x.new_empty((), dtype=reference.compute_dtype(x.dtype))
+    grads = out(need_dx, x, *x.shape), out(need_dw, w, *w.shape), out(need_db, b, w.shape[0]), out(need_ds, scale, 1)
+    return loss, _rows_like(x), *grads
+
+
+def _fast_setup(ctx, inputs, output):
+    ctx.grads = output[2:]
+
+
+def _fast_backward(ctx, g_loss, g_lse, *_):
+    """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss."""
+    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 12
+
+
+_fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
+
+
+class _EagerFast(torch.autograd.Function):
+    """The fast strategy outside the dispatcher (see ``_EagerLinearXent``); its backward
+    scales the stored gradients in place."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, scale, *args):
+        loss, lse, dx, dw, db, dscale = _fast_impl(x, w, b, scale, *args)
+        ctx.grads = (dx, dw, db, dscale)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, g_loss, _):
+        grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
+        ctx.grads = None
+        return *grads, *[None] * 12
+
+
+def _fast_loss(x, w, b, scale, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` of the fast strategy, through the custom op while compiling."""
+    if torch.compiler.is_compiling():
+        loss, lse, *_ = _fast_op(x, w, b, scale, *args)
+        return loss, lse
+    return _EagerFast.apply(x, w, b, scale, *args)
+
+
+def _reduce(rows: torch.Tensor, rt: RowTargets, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / rt.row_weight.sum()
+
+
 def _linear_xent_rows(*args):
     """``(lse, lin)`` per row through the custom op while compiling, directly otherwise."""
     if torch.compiler.is_compiling():
@@ -215,6 +329,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     impl: str = "auto",
     deterministic: bool = False,
+    memory_budget: int | None = None,
 ):
     """Cross-entropy of ``softcap(scale * input @ linear_weight.T + linear_bias)`` without
     materialising the logits.
@@ -239,14 +354,23 @@ def linear_cross_entropy(
         target2, lam: mixup / cutmix as a second label per row and its weight
             ``1 - lam``; ``lam`` a float or a tensor of ``target``'s shape.
         return_lse: also return the per-row log-sum-exp (differentiable, fp32).
-        impl: "auto" ("lean" on CUDA, "chunked" on CPU); "lean": class chunks through cuBLAS
-            with fused Triton kernels between them (exact, deterministic, memory: one chunk);
-            "triton": all-Triton streaming kernels (atomics in the backward); "chunked": row
-            chunks in plain torch; "reference": materialises the logits. "lean" and "triton"
-            also run on CPU tensors under ``TRITON_INTERPRET=1``.
+        impl: "auto" picks "fast" on CUDA when its workspace fits in ``memory_budget``, "lean"
+            otherwise, and "chunked" on CPU. "lean": class chunks through cuBLAS with fused
+            Triton kernels between them (exact, memory: one chunk beyond the gradients, 4
+            GEMMs). "fast": row chunks holding every class, the gradients formed during the
+            forward (exact, 3 GEMMs; needs reduction "mean" or "sum" without return_lse;
+            memory: one chunk of logits plus half of dW in fp32). "filtered": lean, skipping
+            the classes whose gradient stays below the dtype's resolution (eps / 32) on every
+            row (opt-in, not exact). "triton": all-Triton streaming kernels (atomics in the
+            backward); "chunked": row chunks in plain torch; "reference": materialises the
+            logits. All but "chunked" and "reference" also run on CPU tensors under
+            ``TRITON_INTERPRET=1``.
         deterministic: bitwise-reproducible loss and gradients; refuses impl="triton" (its
-            backward adds tiles with atomics). "auto" (lean on CUDA, chunked on CPU) and "lean"
-            are deterministic anyway. Also on under ``torch.use_deterministic_algorithms(True)``.
+            backward adds tiles with atomics). Every other impl is deterministic anyway
+            (no atomics; "filtered"'s class flags are an order-free maximum). Also on under
+            ``torch.use_deterministic_algorithms(True)``.
+        memory_budget: bytes of device memory beyond the gradients "auto" may use to run
+            "fast" (default: ``set_memory_budget``'s, a sixteenth of the device's memory).
 
     Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
     autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.
@@ -276,9 +400,11 @@ def linear_cross_entropy(
                 return_lse=return_lse,
                 impl=impl,
                 deterministic=deterministic,
+                memory_budget=memory_budget,
             )
     _check_options(reduction, label_smoothing, z_loss, softcap, impl)
     _check_ignore_index(ignore_index)
+    memory_budget = _check_budget(memory_budget)
     impl = _deterministic_impl(impl, deterministic)
     x, w, b = _check_linear(input, linear_weight, linear_bias)
     C, D = w.shape
@@ -303,29 +429,31 @@ def linear_cross_entropy(
         dtype=wide,
     )
     backend = _choose(impl, x, dense and target.requires_grad)
+    needs = [torch.is_grad_enabled() and p is not None and p.requires_grad for p in (x, w, b, scale_t)]
+    fast_rows = _fast_rows(impl, backend, x, w, reduction, return_lse, any(needs), memory_budget)
+    if fast_rows is not None:
+        loss, lse = _fast_loss(
+            x, w, b, scale_t, _targets_args(rt), *_options_args(opts), reduction, fast_rows, scale is None, *needs
+        )
+        return loss
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
-        need_grad = torch.is_grad_enabled() and any(p is not None and p.requires_grad for p in (x, w, b, scale_t))
-        lse, lin = _linear_xent_rows(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), backend.name, need_grad)
+        args = _targets_args(rt), *_options_args(opts), backend.name, any(needs)
+        lse, lin = _linear_xent_rows(x, w, b, scale_t, *args)
         rows = row_loss(lse, lin, rt)
-
-    if reduction == "none":
-        loss = rows.reshape(batch_shape)
-    elif reduction == "sum":
-        loss = rows.sum()
-    else:
-        loss = rows.sum() / rt.row_weight.sum()
+    loss = rows.reshape(batch_shape) if reduction == "none" else _reduce(rows, rt, reduction)
     return (loss, lse.reshape(batch_shape)) if return_lse else loss
 
 
 def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | None:
-    """The backend for ``impl``; None means the materialised reference."""
+    """The backend for ``impl``; None means the materialised reference. "fast" answers
+    lean's backend: ``_fast_rows`` decides whether the call can take the fast path."""
     if impl == "reference" or target_needs_grad:
         return None  # only the reference differentiates probability targets
     if impl == "chunked":
         return CHUNKED
-    if impl in ("triton", "lean"):
+    if impl in ("triton", "lean", "fast", "filtered"):
         if x.dtype == torch.float64:
             raise ValueError(f"impl={impl!r} supports float32, float16 and bfloat16 input, got float64")
         if not x.is_cuda:
@@ -333,10 +461,60 @@ def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | No
 
             if not interpreting():
                 raise ValueError(f"impl={impl!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-        return _triton_backend() if impl == "triton" else _class_chunked_backend()
+        if impl == "triton":
+            return _triton_backend()
+        return _filtered_backend() if impl == "filtered" else _class_chunked_backend()
     if x.is_cuda and x.dtype != torch.float64:
         return _class_chunked_backend()
     return CHUNKED
+
+
+#: Bytes "auto" may hold beyond the gradients (None: a sixteenth of the device's memory).
+_MEMORY_BUDGET: int | None = None
+
+
+def set_memory_budget(nbytes: int | None) -> None:
+    """Set the default ``memory_budget`` of every call (None restores a sixteenth of the
+    device's memory)."""
+    global _MEMORY_BUDGET
+    _MEMORY_BUDGET = _check_budget(nbytes)
+
+
+def _check_budget(nbytes) -> int | None:
+    if nbytes is not None and (not isinstance(nbytes, numbers.Integral) or isinstance(nbytes, bool) or nbytes < 0):
+        raise ValueError(f"memory_budget must be None or a number of bytes >= 0, got {_describe(nbytes)}")
+    return None if nbytes is None else int(nbytes)
+
+
+def _budget(memory_budget: int | None, device: torch.device) -> int:
+    if memory_budget is not None:
+        return memory_budget
+    if _MEMORY_BUDGET is not None:
+        return _MEMORY_BUDGET
+    if device.type != "cuda":
+        return 2**30
+    return torch.cuda.get_device_properties(device).total_memory // 16
+
+
+def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_budget) -> int | None:
+    """Rows per chunk when this call takes the fast strategy, None when it does not. "auto"
+    takes it when its workspace fits in the memory budget, "fast" whenever it can."""
+    if impl not in ("auto", "fast") or backend is None or backend.name != "class_chunked" or not need_grad:
+        return None
+    if reduction == "none" or return_lse:
+        if impl == "fast":
+            raise ValueError(
+                "impl='fast' forms the gradients during the forward and needs reduction='mean' or 'sum' "
+                f"without return_lse (got reduction={reduction!r}, return_lse={return_lse}); use impl='lean'"
+            )
+        return None
+    from fused_xent.kernels.row_chunked import MIN_FAST_ROWS, fast_chunk_rows
+
+    (N, D), C = x.shape, w.shape[0]
+    rows = fast_chunk_rows(N, C, D, x.dtype, _budget(memory_budget, x.device))
+    if rows is None and impl == "fast":
+        return min(N, MIN_FAST_ROWS)
+    return rows
 
 
 def _autocast_dtype(input) -> torch.dtype | None:
@@ -480,25 +658,64 @@ def _check_class_weight(weight, C, device):
     return weight.detach()
 
 
+#: Range checks of earlier CUDA calls whose flags are still on their way to the host:
+#: (event, pinned host copy, C, ignore_index, has_target2).
+_PENDING_CHECKS: collections.deque = collections.deque()
+
+
 def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
-    """One host sync for every data-dependent check; skipped while capturing a graph."""
+    """Class indices outside [0, C) on kept rows, or ``lam`` outside [0, 1], raise a
+    ValueError naming the argument.
+
+    CPU tensors are checked at once. CUDA tensors are checked without a host sync (a sync in
+    the loss stalls every training step): the flags travel to pinned memory behind an event,
+    and the first later call that finds the copy complete raises; meanwhile the offending
+    rows' loss is NaN (``build_row_targets``), never a silently wrong number. Skipped while
+    compiling or capturing a CUDA graph (NaN rows only)."""
+    _raise_finished_checks()
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    keep = torch.ones_like(t, dtype=torch.bool) if ignore_index is None else t != ignore_index
-    flags = [((t < 0) | (t >= C)) & keep]
+    keep = None if ignore_index is None else t != ignore_index
+    flags = [_bad_labels(t, C, keep)]
     if t2 is not None:
-        flags += [((t2 < 0) | (t2 >= C)) & keep, ~((lam_rows >= 0) & (lam_rows <= 1))]
-    bad = torch.stack([f.any() for f in flags]).tolist()
-    if bad[0]:
-        value = t[flags[0]][0].item()
-        raise ValueError(f"target contains {value}, outside [0, {C}) and not ignore_index={ignore_index}")
-    if t2 is not None and bad[1]:
-        value = t2[flags[1]][0].item()
-        raise ValueError(f"target2 contains {value}, outside [0, {C}) on a row that is not ignored")
-    if t2 is not None and bad[2]:
-        raise ValueError("lam must lie in [0, 1] on every row")
+        lam_bad = ~((lam_rows >= 0) & (lam_rows <= 1))  # NaN too; on every row, as build_row_targets
+        flags += [_bad_labels(t2, C, keep), lam_bad.any().long()[None]]
+    summary = torch.cat(flags)
+    if not t.is_cuda:
+        _raise_if_bad(summary.tolist(), C, ignore_index, deferred=False)
+        return
+    host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+    host.copy_(summary, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    _PENDING_CHECKS.append((event, host, C, ignore_index))
+
+
+def _bad_labels(t: torch.Tensor, C: int, keep: torch.Tensor | None) -> torch.Tensor:
+    """``[min, max]`` of the kept labels outside [0, C) (0 where there is none)."""
+    bad = t.clamp(0, C - 1) != t
+    if keep is not None:
+        bad &= keep
+    return torch.stack(torch.aminmax(torch.where(bad, t, 0)))
+
+
+def _raise_finished_checks() -> None:
+    while _PENDING_CHECKS and _PENDING_CHECKS[0][0].query():
+        _, host, C, ignore_index = _PENDING_CHECKS.popleft()
+        _raise_if_bad(host.tolist(), C, ignore_index, deferred=True)
+
+
+def _raise_if_bad(summary: list[int], C: int, ignore_index, deferred: bool) -> None:
+    when = " (found after that call returned: its loss is NaN)" if deferred else ""
+    names = ("target", "target2")[: len(summary) // 2]
+    for name, lo, hi in zip(names, summary[0:4:2], summary[1:4:2], strict=True):
+        if lo < 0 or hi >= C:
+            value = lo if lo < 0 else hi
+            raise ValueError(f"{name} contains {value}, outside [0, {C}) and not ignore_index={ignore_index}{when}")
+    if len(summary) > 4 and summary[4]:
+        raise ValueError(f"lam must lie in [0, 1] on every row{when}")
 
 
 def _check_scale(scale, device, dtype) -> torch.Tensor:

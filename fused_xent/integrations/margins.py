@@ -41,7 +41,7 @@ import numbers
 import torch
 from torch import nn
 
-from fused_xent.functional import linear_cross_entropy
+from fused_xent.functional import _check_target_range, linear_cross_entropy
 from fused_xent.reference import compute_dtype, matmul_wide
 
 __all__ = ["MarginHead", "margin_cross_entropy", "margin_logits", "margin_target_logit"]
@@ -177,8 +177,7 @@ def margin_cross_entropy(
     C, N = linear_weight.shape[0], target.shape[0]
     keep = target != ignore_index
     bad = keep & ((target < 0) | (target >= C))
-    if not torch.compiler.is_compiling() and bool(bad.any()):
-        raise ValueError(f"target contains a class outside [0, {C}) that is not ignore_index={ignore_index}")
+    _check_target_range(target, None, None, C, ignore_index)
     # T as N sorted slots without a host sync (torch.unique's size is data-dependent): ignored
     # and out-of-range rows hold the absent class C, and only each class's first slot is live
     t = torch.where(keep & ~bad, target, C)

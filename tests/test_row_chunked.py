@@ -1,0 +1,133 @@
+"""The "fast" strategy (``fused_xent.kernels.row_chunked``): values and every gradient
+against torch's float64 loss through ``test_functional.check`` (Triton kernels under the
+interpreter on CPU), with several row chunks so that dW goes through the split fp32
+accumulator, its in-place narrowing, the memory plan and the refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_functional import check, make_problem
+from torch_reference import torch_linear_xent
+
+from fused_xent import functional, linear_cross_entropy
+from fused_xent.kernels import row_chunked
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 16 rows: a zero memory budget leaves "fast" at MIN_FAST_ROWS rows."""
+    monkeypatch.setattr(row_chunked, "MIN_FAST_ROWS", 16)
+    monkeypatch.setattr(functional, "_MEMORY_BUDGET", 0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_options_one_chunk(reduction):
+    check("fast", torch.float32, 37, 19, 101, reduction=reduction, bias=True, weight=True, ignore=5,
+          label_smoothing=0.1)  # fmt: skip
+    check("fast", torch.float32, 29, 17, 70, reduction=reduction, dense=True, label_smoothing=0.2, bias=True)
+
+
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_several_row_chunks(dtype):
+    """Chunks of 16 rows, the last one short; in fp32 C * D is odd, so the split
+    accumulator's halves are unequal."""
+    N, D, C = (37, 19, 101) if dtype == torch.float32 else (61, 33, 130)
+    check("fast", dtype, N, D, C, bias=True, ignore=3, label_smoothing=0.1)
+    check("fast", dtype, N, D, C, reduction="sum", scale=torch.tensor(1.7), softcap=5.0, z_loss=1e-3)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_mixup_and_class_weights():
+    g = torch.Generator().manual_seed(3)
+    y2 = torch.randint(0, 101, (37,), generator=g)
+    lam = torch.rand(37, generator=g).float()
+    check("fast", torch.float32, 37, 19, 101, target2=y2, lam=lam, weight=True, ignore=4)
+
+
+def test_every_row_ignored():
+    x, w, b, y, _ = make_problem(8, 5, 11, torch.float32, bias=True)
+    leaves = [t.requires_grad_() for t in (x, w, b)]
+    loss = linear_cross_entropy(x, w, torch.full_like(y, -100), linear_bias=b, reduction="sum", impl="fast")
+    loss.backward()
+    assert loss == 0 and all(torch.all(t.grad == 0) for t in leaves)
+
+
+@pytest.mark.usefixtures("small_chunks")
+def test_only_some_inputs_need_grad():
+    x, w, b, y, _ = make_problem(37, 19, 101, torch.bfloat16, bias=True)
+    w.requires_grad_()
+    loss = linear_cross_entropy(x, w, y, linear_bias=b, impl="fast")
+    (gw,) = torch.autograd.grad(loss * 3.0, [w])
+    wr = w.detach().double().requires_grad_()
+    (want,) = torch.autograd.grad(torch_linear_xent(x.double(), wr, y, b=b.double()) * 3.0, [wr])
+    assert (gw.double() - want).norm() / want.norm() < 1e-2
+
+
+def test_no_grad_uses_the_forward_only_path():
+    x, w, b, y, _ = make_problem(37, 19, 101, torch.float32, bias=True)
+    with torch.no_grad():
+        got = linear_cross_entropy(x, w, y, linear_bias=b, impl="fast")
+    want = torch_linear_xent(x.double(), w.double(), y, b=b.double())
+    torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("opts", [dict(reduction="none"), dict(return_lse=True)])
+def test_fast_refuses_what_it_cannot_precompute(opts):
+    x, w, _, y, _ = make_problem(8, 5, 11, torch.float32)
+    with pytest.raises(ValueError, match="impl='fast'.*reduction"):
+        linear_cross_entropy(x.requires_grad_(), w, y, impl="fast", **opts)
+
+
+def test_memory_budget_is_checked():
+    x, w, _, y, _ = make_problem(8, 5, 11, torch.float32)
+    for bad in (-1, 1.5, "1GB", True):
+        with pytest.raises(ValueError, match="memory_budget"):
+            linear_cross_entropy(x, w, y, memory_budget=bad)
+
+
+def test_chunk_rows_fit_the_budget():
+    N, C, D = 8192, 256000, 2304
+    whole = row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, N)
+    assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, whole) == N
+    budget = 3 * 2**30
+    rows = row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, budget)
+    assert rows % 128 == 0 and rows >= row_chunked.MIN_FAST_ROWS
+    assert row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, rows) <= budget
+    assert row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, rows + 128) > budget
+    assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, 2**30) is None  # the fp32 half alone is 1.1 GiB
+
+
+@pytest.mark.parametrize("C,D", [(7, 5), (2, 3), (1, 4), (300, 7001)])
+def test_narrowing_in_place_equals_a_copy(C, D):
+    """fp32 values held in dW's own bytes (first half) and beside it (second half) come out
+    as one rounding each, as ``.to(dtype)`` gives, with and without a scale."""
+    for dtype in (torch.bfloat16, torch.float16):
+        for scale in (None, torch.tensor([0.37])):
+            dw = torch.empty(C, D, dtype=dtype)
+            first, rest = row_chunked._split_accumulator(dw)
+            values = torch.randn(C, D, generator=torch.Generator().manual_seed(C))
+            first.copy_(values[: first.shape[0]])
+            rest.copy_(values[first.shape[0] :])
+            row_chunked._narrow_in_place(first, rest, dw, scale)
+            want = (values if scale is None else values * scale).to(dtype)
+            assert torch.equal(dw, want)
+
+
+def test_compiled_fast_matches_eager():
+    x, w, b, y, _ = make_problem(13, 11, 37, torch.float32, bias=True, ignore=2)
+    s = torch.tensor([1.3])
+
+    def fn(xx, ww, bb, ss):
+        return linear_cross_entropy(xx, ww, y, linear_bias=bb, scale=ss, label_smoothing=0.1, impl="fast")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (compiled, fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b, s)]
+        loss = f(*leaves)
+        results.append([loss, *torch.autograd.grad(loss * 0.5, leaves)])
+    for got, want in zip(*results, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
