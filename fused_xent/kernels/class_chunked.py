@@ -14,8 +14,13 @@ too small for logits). Then
   ``dX_raw += dU @ W[c0:c0+Cc]`` in fp32; ``db`` from per-program partial sums.
 
 Four GEMMs in all (forward, recompute, dW, dX); memory beyond the gradients is one fp32
-chunk of N x Cc plus fp32 dX_raw. No atomics: every sum has a fixed order, so the results
-are bitwise reproducible.
+chunk of N x Cc plus fp32 dX_raw. No atomics in the exact passes: every sum has a fixed
+order, so the results are bitwise reproducible.
+
+The filtered backward (``class_chunked_backward_filtered``) has the grad kernel also flag
+the classes of the chunk with a significant gradient on some row; the dW and dX GEMMs then
+run over the flagged columns only (gathered, still dense cuBLAS GEMMs). Its one atomic, the
+flags' maximum, is order-free: the results stay bitwise reproducible.
 """
 
 import torch
@@ -76,16 +81,19 @@ def chunk_stats_kernel(
 
 @triton.jit
 def chunk_grad_kernel(
-    R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
-    N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap,
+    R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db, Keep,
+    N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
     ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
     when dU is narrower than R (fp16 over fp32) one program owns whole rows, so its writes
-    land only on bytes it has already read."""
+    land only on bytes it has already read.
+
+    With ``FILTER``, ``Keep[j]`` (int32, chunk-local, zeroed by the caller) becomes 1 when
+    some row has a significant ``|dU_ij| >= filter_eps * |cp_i|`` (NaN counts as significant)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -108,6 +116,12 @@ def chunk_grad_kernel(
         du = tl.where(mask, du, 0.0)
         if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
             tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(du, axis=0), mask=col_mask)
+        if FILTER:  # max is order-free, so the flags are deterministic
+            small = (tl.abs(du) < filter_eps * tl.abs(cp)[:, None]) | (du == 0.0)
+            keep = tl.max(tl.where(small, 0, 1), axis=0)
+            # flags only rise 0 -> 1: skip those already set (a stale read costs one redundant atomic)
+            seen = tl.load(Keep + local, mask=col_mask, other=1)
+            tl.atomic_max(Keep + local, keep, mask=col_mask & (keep > seen))
         tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
         tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
@@ -203,6 +217,42 @@ def class_chunked_forward_only(x, w, b, scale, rt, opts, need_lin: bool = True):
 def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
     """The Backend backward of the class-chunked strategy: ``dx_raw`` fp32 without the
     scale, ``dw`` with the scale (in w's dtype: no fp32 C x D buffer), ``db`` fp32."""
+    return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=None)
+
+
+#: The filtered backward's threshold, a fraction of the input dtype's eps (cut-cross-entropy's
+#: "auto": bf16 2**-12, fp16 2**-15, fp32 2**-28). It bounds the *unscaled* gradient: with
+#: ``cp_i = g_i * A_i`` and the kernel's ``tt`` scaled by ``g_i`` (``formulation.prob_coef``,
+#: ``RowTargets.scaled``), ``dU_ij / cp_i = p_ij - t_ij`` with ``t = tt / A`` the row's target
+#: distribution, so ``|dU_ij| >= eps * |cp_i|`` is exactly ``|p - t| >= eps`` for cross-entropy
+#: with "mean" or "sum", class weights and smoothing included (z-loss or a gradient on the
+#: returned lse add to ``cp``, softcap multiplies dU by its derivative: the rule stays
+#: relative to ``cp``). Ignored rows (dU = cp = 0) keep nothing.
+FILTER_EPS_FACTOR = 1 / 32
+#: Above this fraction of kept classes a chunk takes the dense GEMMs: gathering dU and W
+#: costs more than the GEMM work the skipped classes would save.
+FILTER_DENSE_FRACTION = 0.5
+
+
+def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
+    """The class-chunked backward, skipping classes whose logit gradient stays below the
+    dtype's resolution on every row (``impl="filtered"``; opt-in, not exact).
+
+    The grad kernel flags class j of a chunk when some row has
+    ``|dU_ij| >= eps * |cp_i|``, ``eps = finfo(x.dtype).eps * FILTER_EPS_FACTOR``. Flagged
+    classes get ``dW_j`` and their ``dU[:, j] @ W_j`` term from GEMMs over the gathered
+    columns; the others get ``dW_j = 0`` and no dX term. A chunk with more than
+    ``FILTER_DENSE_FRACTION`` of its classes flagged takes the dense GEMMs of
+    ``class_chunked_backward``. ``db`` stays exact (every column). Reading the flags costs
+    one host sync per chunk. Deterministic: the flags are an order-free maximum, the GEMMs
+    and gathers have fixed orders.
+    """
+    eps = torch.finfo(x.dtype).eps * FILTER_EPS_FACTOR
+    return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=eps)
+
+
+def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps: float | None):
+    """Both backwards: exact when ``filter_eps`` is None, filtered at that threshold otherwise."""
     N, D = x.shape
     C = w.shape[0]
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
@@ -217,6 +267,8 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
     pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
     block_n = 16
     db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
+    filtering = filter_eps is not None and (need_dx or need_dw)
+    keep = torch.empty(cc, device=x.device, dtype=torch.int32) if filtering else None
     for c0, c1 in _chunk_ranges(C, cc):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
@@ -227,16 +279,43 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
         width = c1 - c0
         col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
         cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
+        if filtering:
+            keep.zero_()
         chunk_grad_kernel[(triton.cdiv(N, block_n), col_split)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            db_part if need_db else lse, cc, N, width, c0, cols_per_program, *t_strides, opts.softcap or 1.0,
-            COMPUTE_DB=need_db,
+            db_part if need_db else lse, cc, keep if filtering else lse, N, width, c0, cols_per_program, *t_strides,
+            opts.softcap or 1.0, filter_eps or 0.0, COMPUTE_DB=need_db, FILTER=filtering,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
+        idx = keep[:width].nonzero().squeeze(1) if filtering else None  # the host sync
+        if idx is not None and idx.numel() <= FILTER_DENSE_FRACTION * width:
+            _filtered_chunk_grads(x, w[c0:c1], du, idx, scale, dx, dw[c0:c1] if need_dw else None)
+            continue
         if need_dw:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
             torch.mul(_mm_fp32(du.T, x), scale, out=dw[c0:c1])
         if need_dx:
             _addmm_fp32(dx, du, w[c0:c1])
     return dx, dw, db
+
+
+def _filtered_chunk_grads(x, w_chunk, du, idx, scale, dx, dw_chunk):
+    """``dW`` rows and the ``dX_raw`` term of one chunk from its kept columns ``idx`` only;
+    the other rows of ``dw_chunk`` are zero. The gathered width is padded with zero columns
+    to a multiple of 8: cuBLAS runs its fast 16-bit kernels only on aligned widths."""
+    if dw_chunk is not None:
+        dw_chunk.zero_()
+    k = idx.numel()
+    if k == 0:
+        return
+    pad = -k % 8
+    idx_pad = torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
+    du_k = du.index_select(1, idx_pad)
+    du_k[:, k:] = 0
+    if dw_chunk is not None:
+        dw_chunk.index_copy_(0, idx, (_mm_fp32(du_k.T, x)[:k] * scale).to(dw_chunk.dtype))
+    if dx is not None:
+        w_k = w_chunk.index_select(0, idx_pad)
+        w_k[k:] = 0
+        _addmm_fp32(dx, du_k, w_k)

@@ -1,0 +1,211 @@
+"""impl="filtered" (SPEC section 5): lean's backward, skipping the classes whose gradient
+stays below the dtype's resolution on every row. Against lean bitwise with the threshold at
+0, and against torch's F.cross_entropy on float64 logits (tests/torch_reference.py) on
+peaked logits where some classes are dropped; CPU, the Triton kernels interpreted."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from torch_reference import rel_err, torch_linear_xent
+
+from fused_xent import linear_cross_entropy
+from fused_xent.kernels import class_chunked
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+#: Smoothing puts eps_s / C on every class: it stays below the threshold (finfo.eps / 32 is
+#: 2**-12 for bf16, 2**-15 for fp16), or every class of every row would be kept.
+SMOOTHING = {torch.float32: 0.0, torch.bfloat16: 0.05, torch.float16: 0.005}
+C = 300  # chunks of 128, 128, 40 and 4 classes (see small_chunks)
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    """Chunks of 128 classes, so that one call has dense, gathered and empty chunks."""
+    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
+
+
+@pytest.fixture
+def chunk_log(monkeypatch):
+    """``(width, kept)`` of every chunk that takes the gathered (or empty) path."""
+    log = []
+    gathered = class_chunked._filtered_chunk_grads
+
+    def spy(x, w_chunk, du, idx, *args):
+        log.append((w_chunk.shape[0], idx.numel()))
+        return gathered(x, w_chunk, du, idx, *args)
+
+    monkeypatch.setattr(class_chunked, "_filtered_chunk_grads", spy)
+    return log
+
+
+def random_problem(dtype, N=37, D=19, ignore=5, weight=False, seed=0):
+    """Fresh random inputs in ``dtype``; ``ignore`` rows ignored."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w = torch.randn(C, D, generator=g, dtype=torch.float64) / D**0.5
+    b = torch.randn(C, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randint(0, C, (N,), generator=g)
+    y[torch.randperm(N, generator=g)[:ignore]] = -100
+    cw = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype) if weight else None
+    return x.to(dtype), w.to(dtype), b.to(dtype), y, cw
+
+
+def peaked_problem(dtype, N=40, D=21, seed=0):
+    """Logits ``x @ w.T + b`` built so that every kind of chunk occurs, far from the threshold:
+
+    - classes [0, 128): rows [0, 16) put near-uniform mass on them (all kept, a dense chunk);
+    - classes [128, 256): rows [16, 36) put almost all mass on one of them (logit 100 vs at
+      most ~60), their targets elsewhere in it: a few dozen kept classes, a gathered chunk;
+    - classes [256, 300): bias -40, nobody's target: every class dropped;
+    - rows [36, 40) ignored.
+    """
+    g = torch.Generator().manual_seed(seed)
+    f64 = dict(generator=g, dtype=torch.float64)
+    w = torch.zeros(C, D, dtype=torch.float64)
+    w[:128, 0] = 1.0
+    w[:128, 1:] = 0.05 * torch.randn(128, D - 1, **f64)
+    u = torch.randn(128, D - 1, **f64)
+    w[128:256, 1:] = u / u.norm(dim=1, keepdim=True)
+    w[256:, 1:] = 0.1 * torch.randn(C - 256, D - 1, **f64)
+    b = 0.1 * torch.randn(C, **f64)
+    b[256:] -= 40.0
+    x = torch.randn(N, D, **f64)
+    x[:16] = 0.1 * x[:16]
+    x[:16, 0] = 30.0
+    x[16:36, 0] = 0.0
+    x[16:36, 1:] = 100.0 * w[torch.randint(128, 256, (20,), generator=g), 1:]
+    y = torch.cat([torch.randint(0, 128, (16,), generator=g), torch.randint(128, 256, (20,), generator=g)])
+    y = torch.cat([y, torch.full((N - 36,), -100)])
+    return x.to(dtype), w.to(dtype), b.to(dtype), y
+
+
+def torch_impl(x, w, y, *, linear_bias=None, **opts):
+    """The shared reference under ``linear_cross_entropy``'s argument names."""
+    return torch_linear_xent(x, w, y, b=linear_bias, **opts)
+
+
+def run(impl, x, w, b, y, *, scale=None, grads="xwbs", loss_factor=1.0, **opts):
+    """``(loss, grads)`` of one call of ``impl`` (a name, or ``torch_impl``); ``grads`` names
+    the leaves differentiated (x, w, b and a learnable ``scale``). With ``return_lse`` the lse
+    gets a fixed random upstream gradient."""
+    leaves = {"x": x, "w": w, "b": b, "s": scale}
+    leaves = {k: t.detach().clone().requires_grad_(k in grads) if t is not None else None for k, t in leaves.items()}
+    fn = impl if callable(impl) else functools.partial(linear_cross_entropy, impl=impl)
+    out = fn(leaves["x"], leaves["w"], y, linear_bias=leaves["b"], scale=leaves["s"], **opts)
+    loss, lse = out if opts.get("return_lse") else (out, None)
+    total = loss.sum() * loss_factor
+    if lse is not None:
+        total = total + (lse * torch.randn(lse.shape, generator=torch.Generator().manual_seed(1)).to(lse)).sum()
+    wrt = [leaves[k] for k in grads if leaves[k] is not None]
+    return loss.detach(), dict(zip(grads, torch.autograd.grad(total, wrt), strict=True))
+
+
+def dropped_classes(dw: torch.Tensor) -> torch.Tensor:
+    return (dw == 0).all(dim=1)
+
+
+def _random_calls(dtype):
+    x, w, b, y, cw = random_problem(dtype)
+    s = torch.tensor(1.5, dtype=dtype)
+    y_none = torch.full_like(y, -100)
+    return [
+        ((x, w, b, y), dict(scale=s, label_smoothing=0.1, reduction="mean")),
+        ((x, w, b, y), dict(scale=s, weight=cw, softcap=20.0, z_loss=1e-3, reduction="sum", return_lse=True)),
+        ((x, w, b, y_none), dict(scale=s, reduction="sum")),
+        (peaked_problem(dtype), dict(scale=torch.tensor(1.25, dtype=dtype), label_smoothing=SMOOTHING[dtype])),
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_zero_is_lean_bitwise(dtype, monkeypatch):
+    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", 0.0)
+    for args, opts in _random_calls(dtype):
+        loss, grads = run("filtered", *args, **opts)
+        lean_loss, lean_grads = run("lean", *args, **opts)
+        assert torch.equal(loss, lean_loss)
+        for name, g in grads.items():
+            assert torch.equal(g, lean_grads[name]), (name, opts)
+
+
+def reference_grads(x, w, b, y, scale, reduction, label_smoothing):
+    """Float64 logits, torch's ``dL/dz`` for them (the reference with an identity weight),
+    ``p`` and the target distribution ``t`` (zero on ignored rows)."""
+    s = float(scale)
+    x64, w64 = x.double(), w.double()
+    z = (s * x64 @ w64.T + b.double()).requires_grad_()
+    loss = torch_linear_xent(z, torch.eye(C, dtype=torch.float64), y, reduction=reduction,
+                             label_smoothing=label_smoothing)  # fmt: skip
+    (dz,) = torch.autograd.grad(loss, z)
+    keep = (y != -100)[:, None]
+    t = torch.full_like(dz, label_smoothing / C)
+    t.scatter_add_(1, y.clamp(min=0)[:, None], torch.full_like(dz[:, :1], 1.0 - label_smoothing))
+    return dz, torch.where(keep, (z.detach().softmax(-1) - t).abs(), 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_peaked_logits_drop_only_insignificant_classes(dtype, reduction, chunk_log):
+    x, w, b, y = peaked_problem(dtype)
+    s = torch.tensor(1.25, dtype=dtype)
+    eps_s = SMOOTHING[dtype]
+    loss, got = run("filtered", x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
+    lean_loss, lean = run("lean", x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
+
+    # the three paths ran: a dense chunk (no gathered call), a gathered one with a width that
+    # needs padding to a multiple of 8, and chunks with nothing kept
+    assert len(chunk_log) < 4, chunk_log
+    assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
+    assert any(k == 0 for _, k in chunk_log), chunk_log
+
+    dz, p_minus_t = reference_grads(x, w, b, y, s, reduction, eps_s)
+    dropped = dropped_classes(got["w"])
+    significant = (p_minus_t >= torch.finfo(dtype).eps / 32).any(dim=0)
+    assert dropped.any() and not dropped.all()
+    assert torch.equal(dropped, ~significant)  # dropped exactly where |p - t| < eps on every row
+
+    # the kept classes against the float64 gradients restricted to them; db is exact
+    x64, w64 = x.double(), w.double()
+    dz_kept = dz * (~dropped).double()
+    want = {
+        "x": float(s) * dz_kept @ w64,
+        "w": float(s) * dz_kept.T @ x64,
+        "b": dz.sum(0),
+        "s": (dz_kept * (x64 @ w64.T)).sum(),
+    }
+    _, low = run(torch_impl, x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
+    _, exact = run(torch_impl, x64, w64, b.double(), y, scale=s.double(), reduction=reduction,
+                   label_smoothing=eps_s)  # fmt: skip
+    for name, g in got.items():
+        bound = 2 * rel_err(low[name], exact[name]) + 2e-6 if dtype != torch.float32 else 2e-5
+        assert rel_err(g, want[name]) <= bound, (name, rel_err(g, want[name]), bound)
+    assert torch.equal(got["b"], lean["b"]) and torch.equal(loss, lean_loss)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_threshold_is_relative_to_the_row_coefficient(dtype):
+    """The kept classes depend on |p - t| only: not on the reduction, the upstream gradient
+    or class weights (which rescale a hard-label row's gradient without changing t)."""
+    x, w, b, y = peaked_problem(dtype)
+    cw = torch.linspace(0.5, 3.0, C).to(dtype)
+    calls = [dict(reduction="mean"), dict(reduction="sum", loss_factor=1e3), dict(reduction="mean", weight=cw)]
+    kept = [dropped_classes(run("filtered", x, w, b, y, grads="w", **opts)[1]["w"]) for opts in calls]
+    assert kept[0].any() and not kept[0].all()
+    for other in kept[1:]:
+        assert torch.equal(kept[0], other)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_each_gradient_alone_and_reproducible(dtype):
+    x, w, b, y = peaked_problem(dtype)
+    opts = dict(label_smoothing=SMOOTHING[dtype], scale=torch.tensor(1.25, dtype=dtype))
+    _, both = run("filtered", x, w, b, y, **opts)
+    _, again = run("filtered", x, w, b, y, **opts)
+    _, only_w = run("filtered", x, w, b, y, grads="w", **opts)
+    _, only_x = run("filtered", x, w, b, y, grads="x", **opts)
+    for name, g in both.items():
+        assert torch.equal(g, again[name]), name
+    assert torch.equal(only_w["w"], both["w"]) and torch.equal(only_x["x"], both["x"])
