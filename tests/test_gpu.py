@@ -40,9 +40,13 @@ def _grads(fn, x, w, b, dtype):
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("impl", ["auto", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "fast_512_rows", "triton"])
 def test_real_size_within_twice_torch_error(size, dtype, impl):
+    """"fast_512_rows": the fast mode with no memory budget, so in chunks of 512 rows whose
+    dW sums go through the split fp32 accumulator."""
     N, D, C = SIZES[size]
+    budget = 0 if impl == "fast_512_rows" else None
+    impl = "fast" if impl == "fast_512_rows" else impl
     x, w, b, y = _problem(N, D, C, dtype, seed=hash((size, str(dtype))) % 1000)
     opts = dict(label_smoothing=0.1, ignore_index=-100)
 
@@ -50,7 +54,7 @@ def test_real_size_within_twice_torch_error(size, dtype, impl):
         return F.cross_entropy(F.linear(xx, ww, bb).float(), y, **opts)
 
     def fused(xx, ww, bb):
-        return linear_cross_entropy(xx, ww, y, linear_bias=bb, impl=impl, **opts)
+        return linear_cross_entropy(xx, ww, y, linear_bias=bb, impl=impl, memory_budget=budget, **opts)
 
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -80,3 +84,16 @@ def test_forward_only_needs_no_logit_memory():
     ref = F.cross_entropy(F.linear(x.float(), w.float()), y)
     assert rel_err(loss, ref) < 1e-4
     assert extra < 16, f"forward-only used {extra:.1f} MiB"
+
+
+def test_out_of_range_target_raises_on_a_later_call():
+    """CUDA calls check the labels without a host sync: the bad row's loss is NaN at once,
+    and the next call after the check has landed raises, naming the argument and value."""
+    x, w, b, y = _problem(64, 32, 100, torch.float32, seed=1)
+    y[5] = 100
+    rows = linear_cross_entropy(x, w, y, reduction="none")
+    torch.cuda.synchronize()
+    assert torch.isnan(rows[5]) and torch.isfinite(rows[y != 100]).all()
+    with pytest.raises(ValueError, match="target contains 100"):
+        linear_cross_entropy(x, w, y.clamp(0, 99))
+    linear_cross_entropy(x, w, y.clamp(0, 99))  # reported once
