@@ -11,8 +11,8 @@ For a chunk of rows ``[r0, r1)`` one cuBLAS GEMM gives the raw products of *ever
 - ``dX_raw[r0:r1] = dU @ W`` (complete, fp32) and ``dW += scale * dU.T @ X[r0:r1]``.
 
 dW sums over row chunks, so 16-bit weights need an fp32 accumulator. It lives half in the
-storage of dW itself (the first ``C // 2`` rows in fp32 take exactly dW's bytes) and half
-in one extra (C - C // 2) x D fp32 buffer; at the end the first half is narrowed in place
+storage of dW itself (its first ~C/2 rows in fp32 fit in dW's bytes) and half in one
+extra fp32 buffer for the other rows; at the end the first half is narrowed in place
 (front to back, never overwriting bytes not yet read) and the second half copied behind
 it. Memory beyond the gradients: one chunk of logits, that half accumulator and fp32 dX.
 With a single chunk of rows there is no accumulator at all. No atomics: deterministic.
@@ -42,9 +42,9 @@ _GRAD_BLOCK_N = 16
 def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int, need_db: bool = False) -> int:
     """Device memory the fast strategy holds beyond the gradients, at ``rows`` per chunk."""
     rows = min(rows, N)
-    nbytes = rows * C * _chunk_dtype(dtype).itemsize + 4 * N * D
+    nbytes = rows * triton.cdiv(C, 8) * 8 * _chunk_dtype(dtype).itemsize + 4 * N * D
     if rows < N and dtype != torch.float32:
-        nbytes += 4 * (C - C // 2) * D
+        nbytes += 4 * (C - C // 2 // 8 * 8) * D
     if need_db:
         nbytes += 4 * triton.cdiv(rows, _GRAD_BLOCK_N) * C
     return nbytes
@@ -62,9 +62,9 @@ def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int, nee
 
 
 def _split_accumulator(dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 accumulators for dW's first ``C // 2`` rows (inside dW's own bytes) and the rest."""
+    """fp32 accumulators for dW's first rows (at most half, inside dW's own bytes) and the rest."""
     C, D = dw.shape
-    half = C // 2
+    half = C // 2 // 8 * 8  # the second half's columns of dU start 16-byte aligned
     first = dw.view(-1)[: 2 * half * D].view(torch.float32).view(half, D)
     return first, torch.empty((C - half, D), device=dw.device, dtype=torch.float32)
 
@@ -121,7 +121,8 @@ def row_chunked_loss_grads(
     if N == 0:
         return lse, lin, dx, None if dw is None else dw.zero_(), db
     rows = min(rows, N)
-    buf = torch.empty((rows, C), device=dev, dtype=_chunk_dtype(x.dtype))
+    pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
+    buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
     db_part = torch.empty((triton.cdiv(rows, _GRAD_BLOCK_N), C), device=dev) if need_db else None
     direct = rows == N and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
     if need_dw and not direct and w.dtype != torch.float32:
@@ -154,7 +155,7 @@ def row_chunked_loss_grads(
         if buf.dtype == x.dtype:
             du = raw
         else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
-            du = buf.view(x.dtype).as_strided((n, C), (2 * C, 1))
+            du = raw.view(x.dtype).as_strided((n, C), (2 * pitch, 1))
         col_split = triton.cdiv(C, 4096) if du.dtype == raw.dtype else 1
         cols_per_program = triton.cdiv(triton.cdiv(C, col_split), 256) * 256
         chunk_grad_kernel[(triton.cdiv(n, _GRAD_BLOCK_N), col_split)](
