@@ -30,15 +30,15 @@ def small_chunks(monkeypatch):
 
 @pytest.fixture
 def chunk_log(monkeypatch):
-    """``(width, kept)`` of every chunk that takes the gathered (or empty) path."""
+    """``(width, flagged)`` of every chunk of a filtered backward."""
     log = []
-    gathered = class_chunked._filtered_chunk_grads
+    finish = class_chunked._finish_filtered
 
-    def spy(x, w_chunk, du, idx, *args):
-        log.append((w_chunk.shape[0], idx.numel()))
-        return gathered(x, w_chunk, du, idx, *args)
+    def spy(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready):
+        log.append((c1 - c0, int(counts[slot])))
+        return finish(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready)
 
-    monkeypatch.setattr(class_chunked, "_filtered_chunk_grads", spy)
+    monkeypatch.setattr(class_chunked, "_finish_filtered", spy)
     return log
 
 
@@ -146,28 +146,16 @@ def reference_grads(x, w, b, y, scale, reduction, label_smoothing):
     return dz, torch.where(keep, (z.detach().softmax(-1) - t).abs(), 0.0)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_peaked_logits_drop_only_insignificant_classes(dtype, reduction, chunk_log):
-    x, w, b, y = peaked_problem(dtype)
-    s = torch.tensor(1.25, dtype=dtype)
-    eps_s = SMOOTHING[dtype]
-    loss, got = run("filtered", x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
-    lean_loss, lean = run("lean", x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
-
-    # the three paths ran: a dense chunk (no gathered call), a gathered one with a width that
-    # needs padding to a multiple of 8, and chunks with nothing kept
-    assert len(chunk_log) < 4, chunk_log
-    assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
-    assert any(k == 0 for _, k in chunk_log), chunk_log
-
-    dz, p_minus_t = reference_grads(x, w, b, y, s, reduction, eps_s)
+def check_against_reference(x, w, b, y, s, eps, reduction, label_smoothing=0.0):
+    """Filtered vs float64: the classes dropped (dW rows exactly zero) are exactly those with
+    ``|p - t| < eps`` on every row, and every gradient matches the float64 one with the dropped
+    classes' dL/dz zeroed (db, the loss: unfiltered, lean's bitwise). Returns ``dropped``."""
+    loss, got = run("filtered", x, w, b, y, scale=s, reduction=reduction, label_smoothing=label_smoothing)
+    lean_loss, lean = run("lean", x, w, b, y, scale=s, reduction=reduction, label_smoothing=label_smoothing)
+    dz, p_minus_t = reference_grads(x, w, b, y, s, reduction, label_smoothing)
     dropped = dropped_classes(got["w"])
-    significant = (p_minus_t >= torch.finfo(dtype).eps / 32).any(dim=0)
-    assert dropped.any() and not dropped.all()
-    assert torch.equal(dropped, ~significant)  # dropped exactly where |p - t| < eps on every row
+    assert torch.equal(dropped, (p_minus_t < eps).all(dim=0))
 
-    # the kept classes against the float64 gradients restricted to them; db is exact
     x64, w64 = x.double(), w.double()
     dz_kept = dz * (~dropped).double()
     want = {
@@ -176,13 +164,40 @@ def test_peaked_logits_drop_only_insignificant_classes(dtype, reduction, chunk_l
         "b": dz.sum(0),
         "s": (dz_kept * (x64 @ w64.T)).sum(),
     }
-    _, low = run(torch_impl, x, w, b, y, scale=s, reduction=reduction, label_smoothing=eps_s)
-    _, exact = run(torch_impl, x64, w64, b.double(), y, scale=s.double(), reduction=reduction,
-                   label_smoothing=eps_s)  # fmt: skip
+    opts = dict(reduction=reduction, label_smoothing=label_smoothing)
+    _, low = run(torch_impl, x, w, b, y, scale=s, **opts)
+    _, exact = run(torch_impl, x64, w64, b.double(), y, scale=s.double(), **opts)
     for name, g in got.items():
-        bound = 2 * rel_err(low[name], exact[name]) + 2e-6 if dtype != torch.float32 else 2e-5
+        bound = 2 * rel_err(low[name], exact[name]) + 2e-6 if x.dtype != torch.float32 else 2e-5
         assert rel_err(g, want[name]) <= bound, (name, rel_err(g, want[name]), bound)
     assert torch.equal(got["b"], lean["b"]) and torch.equal(loss, lean_loss)
+    return dropped
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_peaked_logits_drop_only_insignificant_classes(dtype, reduction, chunk_log):
+    x, w, b, y = peaked_problem(dtype)
+    eps = torch.finfo(dtype).eps / 32
+    s = torch.tensor(1.25, dtype=dtype)
+    dropped = check_against_reference(x, w, b, y, s, eps, reduction, SMOOTHING[dtype])
+    assert dropped.any() and not dropped.all()
+    # the three paths ran: a dense chunk, a gathered one (of a width not a multiple of 8),
+    # and chunks with nothing kept
+    assert any(k > width // 2 for width, k in chunk_log), chunk_log
+    assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
+    assert any(k == 0 for _, k in chunk_log), chunk_log
+
+
+def test_large_threshold_drops_whole_contributions(monkeypatch, chunk_log):
+    """At eps = 1/16 the dropped classes carry gradients far above fp32's resolution: any
+    contribution of theirs to dX or dW would show."""
+    eps = 2.0**-4
+    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(torch.float32).eps)
+    x, w, b, y, _ = random_problem(torch.float32)
+    dropped = check_against_reference(x, w, b, y, torch.tensor(3.0), eps, "mean")
+    assert dropped.any() and not dropped.all()
+    assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

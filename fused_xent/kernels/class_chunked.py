@@ -116,12 +116,14 @@ def chunk_grad_kernel(
         du = tl.where(mask, du, 0.0)
         if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
             tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(du, axis=0), mask=col_mask)
-        if FILTER:  # max is order-free, so the flags are deterministic
-            small = (tl.abs(du) < filter_eps * tl.abs(cp)[:, None]) | (du == 0.0)
-            keep = tl.max(tl.where(small, 0, 1), axis=0)
-            # flags only rise 0 -> 1: skip those already set (a stale read costs one redundant atomic)
+        if FILTER:  # flags only rise 0 -> 1: max is order-free, so they are deterministic
+            big = (tl.abs(du) >= filter_eps * tl.abs(cp)[:, None]) | (du != du)
+            # one atomic per significant entry of a column not yet flagged (a stale read of
+            # the flags only costs redundant atomics); no reduction across rows
             seen = tl.load(Keep + local, mask=col_mask, other=1)
-            tl.atomic_max(Keep + local, keep, mask=col_mask & (keep > seen))
+            flags = tl.broadcast_to(Keep + local[None, :], (BLOCK_N, BLOCK_C))
+            ones = tl.full((BLOCK_N, BLOCK_C), 1, tl.int32)
+            tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
         tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
         tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
@@ -243,9 +245,12 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
     classes get ``dW_j`` and their ``dU[:, j] @ W_j`` term from GEMMs over the gathered
     columns; the others get ``dW_j = 0`` and no dX term. A chunk with more than
     ``FILTER_DENSE_FRACTION`` of its classes flagged takes the dense GEMMs of
-    ``class_chunked_backward``. ``db`` stays exact (every column). Reading the flags costs
-    one host sync per chunk. Deterministic: the flags are an order-free maximum, the GEMMs
-    and gathers have fixed orders.
+    ``class_chunked_backward``. ``db`` stays exact (every column).
+
+    The GEMMs' widths need the number of flagged classes on the host: one sync per chunk,
+    deferred by one chunk (two chunk buffers, so the GPU computes chunk i + 1 while the host
+    waits for chunk i's count). Deterministic: the flags are an order-free maximum, the
+    GEMMs and gathers have fixed orders.
     """
     eps = torch.finfo(x.dtype).eps * FILTER_EPS_FACTOR
     return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=eps)
@@ -255,21 +260,25 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     """Both backwards: exact when ``filter_eps`` is None, filtered at that threshold otherwise."""
     N, D = x.shape
     C = w.shape[0]
+    filtering = filter_eps is not None and (need_dx or need_dw)
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
-    dw = torch.empty_like(w) if need_dw else None
+    # filtered: the rows of dropped classes stay zero
+    dw = (torch.zeros_like(w) if filtering or N == 0 else torch.empty_like(w)) if need_dw else None
     db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
     if N == 0:
-        if dw is not None:
-            dw.zero_()
         return dx, dw, db
-    buf = _chunk(x, C)
-    cc = buf.shape[1]
+    bufs = [_chunk(x, C) for _ in range(2 if filtering else 1)]
+    cc = bufs[0].shape[1]
     pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
     block_n = 16
     db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
-    filtering = filter_eps is not None and (need_dx or need_dw)
-    keep = torch.empty(cc, device=x.device, dtype=torch.int32) if filtering else None
-    for c0, c1 in _chunk_ranges(C, cc):
+    if filtering:  # per buffer: the count of flagged classes on the host, and its event
+        keep = torch.empty(cc, device=x.device, dtype=torch.int32)
+        counts = torch.empty(2, dtype=torch.int32, pin_memory=x.is_cuda)
+        events = [torch.cuda.Event() if x.is_cuda else None for _ in range(2)]
+    pending = None  # the filtered chunk whose GEMMs wait for its count of flagged classes
+    for i, (c0, c1) in enumerate(_chunk_ranges(C, cc)):
+        buf = bufs[i % len(bufs)]
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         if buf.dtype == x.dtype:
@@ -289,33 +298,46 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         )  # fmt: skip
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
-        idx = keep[:width].nonzero().squeeze(1) if filtering else None  # the host sync
-        if idx is not None and idx.numel() <= FILTER_DENSE_FRACTION * width:
-            _filtered_chunk_grads(x, w[c0:c1], du, idx, scale, dx, dw[c0:c1] if need_dw else None)
+        if not filtering:
+            _dense_chunk_grads(x, w[c0:c1], du, scale, dx, dw[c0:c1] if need_dw else None)
             continue
-        if need_dw:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
-            torch.mul(_mm_fp32(du.T, x), scale, out=dw[c0:c1])
-        if need_dx:
-            _addmm_fp32(dx, du, w[c0:c1])
+        # flagged classes first, each part in ascending order; the count goes to the host
+        order = torch.sort(keep[:width], descending=True, stable=True).indices
+        counts[i % 2].copy_(keep[:width].sum(), non_blocking=True)
+        if x.is_cuda:
+            events[i % 2].record()
+        if pending is not None:
+            _finish_filtered(x, w, scale, dx, dw, counts, *pending)
+        pending = (c0, c1, du, order, i % 2, events[i % 2])
+    if pending is not None:
+        _finish_filtered(x, w, scale, dx, dw, counts, *pending)
     return dx, dw, db
 
 
-def _filtered_chunk_grads(x, w_chunk, du, idx, scale, dx, dw_chunk):
-    """``dW`` rows and the ``dX_raw`` term of one chunk from its kept columns ``idx`` only;
-    the other rows of ``dw_chunk`` are zero. The gathered width is padded with zero columns
-    to a multiple of 8: cuBLAS runs its fast 16-bit kernels only on aligned widths."""
-    if dw_chunk is not None:
-        dw_chunk.zero_()
-    k = idx.numel()
+def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
+    """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns."""
+    if dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
+        torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
+    if dx is not None:
+        _addmm_fp32(dx, du, w_chunk)
+
+
+def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready):
+    """The GEMMs of a filtered chunk once its count k of flagged classes is on the host: dense
+    above ``FILTER_DENSE_FRACTION``, else over the flagged columns ``order[:k]`` (dW's other
+    rows stay zero). They are gathered as rows of ``dU.T``: both GEMMs then read them with
+    the leading dimension N, which keeps cuBLAS on its fast 16-bit kernels for any k."""
+    if ready is not None:
+        ready.synchronize()
+    width, k = c1 - c0, int(counts[slot])
+    if k > FILTER_DENSE_FRACTION * width:
+        _dense_chunk_grads(x, w[c0:c1], du, scale, dx, dw[c0:c1] if dw is not None else None)
+        return
     if k == 0:
         return
-    pad = -k % 8
-    idx_pad = torch.cat([idx, idx[:1].expand(pad)]) if pad else idx
-    du_k = du.index_select(1, idx_pad)
-    du_k[:, k:] = 0
-    if dw_chunk is not None:
-        dw_chunk.index_copy_(0, idx, (_mm_fp32(du_k.T, x)[:k] * scale).to(dw_chunk.dtype))
+    cols = order[:k]
+    du_t = du.T.index_select(0, cols)
+    if dw is not None:
+        dw[c0:c1].index_copy_(0, cols, (_mm_fp32(du_t, x) * scale).to(dw.dtype))
     if dx is not None:
-        w_k = w_chunk.index_select(0, idx_pad)
-        w_k[k:] = 0
-        _addmm_fp32(dx, du_k, w_k)
+        _addmm_fp32(dx, du_t.T, w[c0:c1].index_select(0, cols))
