@@ -109,7 +109,7 @@ def dropped_classes(dw: torch.Tensor) -> torch.Tensor:
 
 
 def _random_calls(dtype):
-    x, w, b, y, cw = random_problem(dtype)
+    x, w, b, y, cw = random_problem(dtype, weight=True)
     s = torch.tensor(1.5, dtype=dtype)
     y_none = torch.full_like(y, -100)
     return [
@@ -207,10 +207,10 @@ def test_threshold_is_relative_to_the_row_coefficient(dtype):
     x, w, b, y = peaked_problem(dtype)
     cw = torch.linspace(0.5, 3.0, C).to(dtype)
     calls = [dict(reduction="mean"), dict(reduction="sum", loss_factor=1e3), dict(reduction="mean", weight=cw)]
-    kept = [dropped_classes(run("filtered", x, w, b, y, grads="w", **opts)[1]["w"]) for opts in calls]
-    assert kept[0].any() and not kept[0].all()
-    for other in kept[1:]:
-        assert torch.equal(kept[0], other)
+    dropped = [dropped_classes(run("filtered", x, w, b, y, grads="w", **opts)[1]["w"]) for opts in calls]
+    assert dropped[0].any() and not dropped[0].all()
+    for other in dropped[1:]:
+        assert torch.equal(dropped[0], other)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
