@@ -1,46 +1,47 @@
-"""Host-side cost of one fused_xent fw+bw on a small head (ViT-21k): cProfile's top entries
-and the wall time with and without the target-range check's host sync.
-``PYTHONPATH=. python benchmarks/profile_host.py``"""
+"""Host-side cost of one fused_xent fw+bw on a small head (ViT-21k), per impl: wall time per
+step, host time per step (no sync, while the GPU keeps up), GPU kernel time per step
+(torch.profiler), and the profiler's top CPU operators.
+``PYTHONPATH=. python benchmarks/profile_host.py [impl ...]``"""
 
-import cProfile
-import pstats
+import sys
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fused_xent
-from fused_xent import functional
 from fused_xent.bench import CASES, make_inputs
 
 case = CASES["vit21k"]
 x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
 
 
-def step():
+def step(impl):
     x.grad = w.grad = b.grad = None
-    fused_xent.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1).backward()
+    fused_xent.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl).backward()
 
 
-def wall(n=50):
+def timed(impl, n=50, sync_each=False):
     for _ in range(5):
-        step()
+        step(impl)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
-        step()
+        step(impl)
+        if sync_each:
+            torch.cuda.synchronize()
+    host = (time.perf_counter() - t0) / n * 1e3
     torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n * 1e3
+    return host, (time.perf_counter() - t0) / n * 1e3
 
 
-print(f"wall per step: {wall():.2f} ms")
-check = functional._check_target_range
-functional._check_target_range = lambda *a: None
-print(f"wall per step without the range check: {wall():.2f} ms")
-functional._check_target_range = check
-prof = cProfile.Profile()
-prof.enable()
-for _ in range(20):
-    step()
-torch.cuda.synchronize()
-prof.disable()
-pstats.Stats(prof).sort_stats("tottime").print_stats(18)
+for impl in sys.argv[1:] or ["lean", "fast"]:
+    host, wall = timed(impl)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(10):
+            step(impl)
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    gpu = sum(e.self_device_time_total for e in events) / 10 / 1e3
+    print(f"{impl}: wall {wall:.2f} ms/step, host {host:.2f} ms/step (no sync), GPU kernels {gpu:.2f} ms/step")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))

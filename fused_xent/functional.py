@@ -232,13 +232,13 @@ def _fast_impl(
     from fused_xent.kernels.row_chunked import row_chunked_loss_grads
 
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
-    kept = ((rt.lse_coef != 0) | (rt.zl != 0)).to(rt.e.dtype)  # rows row_loss does not zero
-    g_rows = kept / rt.row_weight.sum() if reduction == "mean" else kept
+    denominator = rt.row_weight.sum() if reduction == "mean" else None
+    g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
-        lse, lin, dx_raw, dw, db = row_chunked_loss_grads(
-            x, w, b, scale, rt, opts, g_rows, rows, need_dx or need_ds, need_dw, need_db, scale_is_one
+        lse, row_losses, dx_raw, dw, db = row_chunked_loss_grads(
+            x, w, b, scale, rt, opts, g, rows, need_dx or need_ds, need_dw, need_db, scale_is_one
         )
-    loss = _reduce(row_loss(lse, lin, rt), rt, reduction)
+    loss = row_losses.sum() if reduction == "sum" else row_losses.sum() / denominator
     empty = x.new_empty((0,))
     dx = (dx_raw * scale).to(x.dtype) if need_dx else empty
     dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else empty
@@ -678,33 +678,39 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     keep = None if ignore_index is None else t != ignore_index
-    flags = [_bad_labels(t, C, keep)]
+    flags = [_label_range(t, keep)]
     if t2 is not None:
         lam_bad = ~((lam_rows >= 0) & (lam_rows <= 1))  # NaN too; on every row, as build_row_targets
-        flags += [_bad_labels(t2, C, keep), lam_bad.any().long()[None]]
-    summary = torch.cat(flags)
+        flags += [_label_range(t2, keep), lam_bad.any().long()[None]]
+    summary = torch.cat(flags) if len(flags) > 1 else flags[0]
     if not t.is_cuda:
         _raise_if_bad(summary.tolist(), C, ignore_index, deferred=False)
         return
-    host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+    host = _FREE_PINNED.pop() if _FREE_PINNED and _FREE_PINNED[-1].shape == summary.shape else None
+    if host is None:
+        host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
     host.copy_(summary, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
     _PENDING_CHECKS.append((event, host, C, ignore_index))
 
 
-def _bad_labels(t: torch.Tensor, C: int, keep: torch.Tensor | None) -> torch.Tensor:
-    """``[min, max]`` of the kept labels outside [0, C) (0 where there is none)."""
-    bad = t.clamp(0, C - 1) != t
-    if keep is not None:
-        bad &= keep
-    return torch.stack(torch.aminmax(torch.where(bad, t, 0)))
+#: Pinned buffers of finished checks, reused (a pinned allocation costs more than the check).
+_FREE_PINNED: list[torch.Tensor] = []
+
+
+def _label_range(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``[min, max]`` of the kept labels (0 stands for ignored rows)."""
+    return torch.stack(torch.aminmax(t if keep is None else torch.where(keep, t, 0)))
 
 
 def _raise_finished_checks() -> None:
     while _PENDING_CHECKS and _PENDING_CHECKS[0][0].query():
         _, host, C, ignore_index = _PENDING_CHECKS.popleft()
-        _raise_if_bad(host.tolist(), C, ignore_index, deferred=True)
+        summary = host.tolist()
+        if len(_FREE_PINNED) < 8:
+            _FREE_PINNED.append(host)
+        _raise_if_bad(summary, C, ignore_index, deferred=True)
 
 
 def _raise_if_bad(summary: list[int], C: int, ignore_index, deferred: bool) -> None:

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fused_xent.kernels.tiles import logit_epilogue, target_args, target_tile
+from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args, target_tile
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
@@ -65,15 +65,11 @@ def chunk_stats_kernel(
         cols = c0 + local
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        zm = tl.where(col_mask[None, :], z, float("-inf"))
-        m_new = tl.maximum(m, tl.max(zm, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zm - m_ref[:, None]), axis=1)
-        m = m_new
+        tt = z  # unused unless NEED_LIN
         if NEED_LIN:
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-            lin += tl.sum(tl.where(tt != 0.0, tt * z, 0.0), axis=1)
+        m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
     tl.store(L + rows, lin, mask=row_mask)
@@ -82,10 +78,10 @@ def chunk_stats_kernel(
 @triton.jit
 def chunk_grad_kernel(
     R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db, Keep,
-    N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
+    ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    WITH_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
     ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
@@ -93,12 +89,39 @@ def chunk_grad_kernel(
     land only on bytes it has already read.
 
     With ``FILTER``, ``Keep[j]`` (int32, chunk-local, zeroed by the caller) becomes 1 when
-    some row has a significant ``|dU_ij| >= filter_eps * |cp_i|`` (NaN counts as significant)."""
+    some row has a significant ``|dU_ij| >= filter_eps * |cp_i|`` (NaN counts as significant).
+
+    With ``WITH_STATS`` R holds every class of its rows (the fast strategy; one program per
+    row block): a first pass gives each row's ``LSE`` and its loss ``ROWS`` (formulation's
+    row_loss), then the upstream gradient ``G`` (one value: the mean's 1 / denominator or the
+    sum's 1) on the rows row_loss keeps makes ``cp`` and weights the targets: the forward and
+    the gradient of a reduced loss in one launch."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
-    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-    cp = tl.load(CP + rows, mask=row_mask, other=0.0)
+    if WITH_STATS:
+        m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_N], tl.float32)
+        lin = tl.zeros([BLOCK_N], tl.float32)
+        for j0 in range(0, Cc, BLOCK_C):
+            cols = j0 + tl.arange(0, BLOCK_C)
+            col_mask = cols < Cc
+            r = tl.load(R + rows[:, None] * stride_rn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+            m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, True)
+        lse = m + tl.log(s)
+        coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
+        zl = tl.load(ZL + rows, mask=row_mask, other=0.0)
+        kept = (coef != 0.0) | (zl != 0.0)  # NaN coefficients (bad labels) stay, as in row_loss
+        tl.store(LSE + rows, lse, mask=row_mask)
+        tl.store(ROWS + rows, tl.where(kept, coef * lse - lin + zl * lse * lse, 0.0), mask=row_mask)
+        g = tl.where(kept, tl.load(G), 0.0)
+        cp = g * (coef + 2.0 * zl * lse)
+    else:
+        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+        cp = tl.load(CP + rows, mask=row_mask, other=0.0)
     col_start = tl.program_id(1) * cols_per_program
     for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
@@ -109,6 +132,8 @@ def chunk_grad_kernel(
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                          HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+        if WITH_STATS:
+            tt = tt * g[:, None]
         du = cp[:, None] * tl.exp(z - lse[:, None]) - tt
         if HAS_SOFTCAP:
             zc = z / softcap
@@ -292,8 +317,9 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
             keep.zero_()
         chunk_grad_kernel[(triton.cdiv(N, block_n), col_split)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            db_part if need_db else lse, cc, keep if filtering else lse, N, width, c0, cols_per_program, *t_strides,
-            opts.softcap or 1.0, filter_eps or 0.0, COMPUTE_DB=need_db, FILTER=filtering,
+            db_part if need_db else lse, cc, keep if filtering else lse, lse, lse, lse, lse, N, width, c0,
+            cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
+            COMPUTE_DB=need_db, FILTER=filtering, WITH_STATS=False,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
         if need_db:

@@ -3,11 +3,11 @@
 For a chunk of rows ``[r0, r1)`` one cuBLAS GEMM gives the raw products of *every* class,
 ``R = X[r0:r1] @ W.T`` (rows x C, bf16 for bf16 input as in lean, fp32 otherwise); then
 
-- ``chunk_stats_kernel`` turns R into the rows' ``(lse, lin)`` (the rows are complete:
-  every class is in R, so no recomputation is ever needed);
-- with the upstream gradient of a reduced loss known in advance (``g_rows``: the mean's
-  ``1 / sum(row_weight)`` or the sum's 1 on every kept row), ``chunk_grad_kernel`` writes
-  ``dU = cp * p - g * tt`` over R in place;
+- one launch of ``chunk_grad_kernel`` (``WITH_STATS``) reads R twice: first the rows'
+  lse and loss (the rows are complete: every class is in R, so nothing is recomputed),
+  then, with the upstream gradient of a reduced loss known in advance (``g``: the mean's
+  ``1 / sum(row_weight)`` or the sum's 1, on every kept row), ``dU = cp * p - g * tt``
+  written over R in place;
 - ``dX_raw[r0:r1] = dU @ W`` (complete, fp32) and ``dW += scale * dU.T @ X[r0:r1]``.
 
 dW sums over row chunks, so 16-bit weights need an fp32 accumulator. It lives half in the
@@ -21,7 +21,7 @@ With a single chunk of rows there is no accumulator at all. No atomics: determin
 import torch
 import triton
 
-from fused_xent.formulation import RowTargets, XentOptions, prob_coef
+from fused_xent.formulation import RowTargets, XentOptions
 from fused_xent.kernels.class_chunked import (
     _addmm_fp32,
     _chunk_dtype,
@@ -29,34 +29,32 @@ from fused_xent.kernels.class_chunked import (
     _mm_fp32,
     _raw_products,
     chunk_grad_kernel,
-    chunk_stats_kernel,
 )
 
 #: Fewest rows per chunk worth the fast strategy: dW's fp32 accumulator is read and written
 #: once per chunk (8 C D bytes against 2 rows C D flops), at fewer rows memory dominates.
 MIN_FAST_ROWS = 512
-#: Rows per program of the grad kernel (its db partials have one row per program).
-_GRAD_BLOCK_N = 16
+#: Tile (rows, classes) of the one kernel between the GEMMs on CUDA; a program owns whole
+#: rows (two passes over them). The interpreter takes smaller tiles.
+_GPU_TILE = (4, 1024)
 
 
-def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int, need_db: bool = False) -> int:
+def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int) -> int:
     """Device memory the fast strategy holds beyond the gradients, at ``rows`` per chunk."""
     rows = min(rows, N)
     nbytes = rows * triton.cdiv(C, 8) * 8 * _chunk_dtype(dtype).itemsize + 4 * N * D
     if rows < N and dtype != torch.float32:
         nbytes += 4 * (C - C // 2 // 8 * 8) * D
-    if need_db:
-        nbytes += 4 * triton.cdiv(rows, _GRAD_BLOCK_N) * C
     return nbytes
 
 
-def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int, need_db: bool = False) -> int | None:
+def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int) -> int | None:
     """The most rows per chunk (all of them, or a multiple of 128 of at least
     ``MIN_FAST_ROWS``) whose workspace fits in ``budget`` bytes; None when none does."""
-    if fast_workspace_bytes(N, C, D, dtype, N, need_db) <= budget:
+    if fast_workspace_bytes(N, C, D, dtype, N) <= budget:
         return N
-    fixed = fast_workspace_bytes(N, C, D, dtype, 0, need_db)
-    per_row = fast_workspace_bytes(N, C, D, dtype, 128, need_db) - fixed
+    fixed = fast_workspace_bytes(N, C, D, dtype, 0)
+    per_row = fast_workspace_bytes(N, C, D, dtype, 128) - fixed
     rows = (budget - fixed) // per_row * 128 if budget > fixed else 0
     return rows if rows >= MIN_FAST_ROWS else None
 
@@ -100,30 +98,30 @@ def row_chunked_loss_grads(
     scale: torch.Tensor,
     rt: RowTargets,
     opts: XentOptions,
-    g_rows: torch.Tensor,
+    g: torch.Tensor,
     rows: int,
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
     scale_is_one: bool = False,
 ):
-    """``(lse, lin, dx_raw, dw, db)`` for an upstream gradient ``g_rows`` (N,) on each row's
-    loss: ``lse``, ``lin`` and ``dx_raw`` (without the scale) fp32, ``dw`` in w's dtype with
-    the scale, ``db`` fp32; None for a gradient not needed."""
+    """``(lse, loss_rows, dx_raw, dw, db)`` for the upstream gradient ``g`` (1-element: the
+    mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse``, ``loss_rows``
+    (formulation's row_loss) and ``dx_raw`` (without the scale) fp32, ``dw`` in w's dtype
+    with the scale, ``db`` fp32; None for a gradient not needed."""
     N, D = x.shape
     C = w.shape[0]
     dev = x.device
     lse = torch.empty(N, device=dev)
-    lin = torch.empty(N, device=dev)
+    loss_rows = torch.empty(N, device=dev)
     dx = torch.empty((N, D), device=dev) if need_dx else None
     dw = torch.empty_like(w) if need_dw else None
     db = torch.zeros(C, device=dev) if need_db else None
     if N == 0:
-        return lse, lin, dx, None if dw is None else dw.zero_(), db
+        return lse, loss_rows, dx, None if dw is None else dw.zero_(), db
     rows = min(rows, N)
     pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
-    db_part = torch.empty((triton.cdiv(rows, _GRAD_BLOCK_N), C), device=dev) if need_db else None
     direct = rows == N and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
     if need_dw and not direct and w.dtype != torch.float32:
         first, rest = _split_accumulator(dw)
@@ -137,35 +135,21 @@ def row_chunked_loss_grads(
         raw = buf[:n]
         _raw_products(xs, w, raw)
         rt_c = rt.rows(r0, r1)
-        m = torch.full((n,), float("-inf"), device=dev)
-        s = torch.zeros(n, device=dev)
-        lin_c = lin[r0:r1].zero_()
-        pointers, t_strides, flags = _kernel_args(b, rt_c, opts)
-        stats_block = 4 if dev.type == "cuda" else 16
-        chunk_stats_kernel[(triton.cdiv(n, stats_block),)](
-            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin_c,
-            n, C, 0, *t_strides, softcap, NEED_LIN=True,
-            **flags, BLOCK_N=stats_block, BLOCK_C=1024 if dev.type == "cuda" else 256, num_warps=8,
-        )  # fmt: skip
-        lse_c = lse[r0:r1]
-        torch.add(m, torch.log(s), out=lse_c)
-        g = g_rows[r0:r1]
-        cp = prob_coef(g, torch.zeros_like(g), lse_c, rt_c)
-        pointers, t_strides, flags = _kernel_args(b, rt_c.scaled(g), opts)
         if buf.dtype == x.dtype:
             du = raw
         else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
             du = raw.view(x.dtype).as_strided((n, C), (2 * pitch, 1))
-        col_split = triton.cdiv(C, 4096) if du.dtype == raw.dtype else 1
-        cols_per_program = triton.cdiv(triton.cdiv(C, col_split), 256) * 256
-        chunk_grad_kernel[(triton.cdiv(n, _GRAD_BLOCK_N), col_split)](
-            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, cp,
-            db_part if need_db else lse, C, lse, n, C, 0, cols_per_program, *t_strides, softcap, 0.0,
-            COMPUTE_DB=need_db, FILTER=False,
-            **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, num_warps=8,
+        pointers, t_strides, flags = _kernel_args(b, rt_c, opts)
+        lse_c = lse[r0:r1]
+        tile_n, tile_c = _GPU_TILE if dev.type == "cuda" else (16, 256)
+        chunk_grad_kernel[(triton.cdiv(n, tile_n),)](
+            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, lse_c,
+            lse_c, 0, lse_c, loss_rows[r0:r1], rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
+            COMPUTE_DB=False, FILTER=False, WITH_STATS=True,
+            **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=8,
         )  # fmt: skip
         if need_db:
-            db += db_part[: triton.cdiv(n, _GRAD_BLOCK_N)].sum(0)
+            db += du.sum(0, dtype=torch.float32)
         if need_dx:
             _mm_fp32(du, w, out=dx[r0:r1])
         if need_dw and direct:
@@ -180,7 +164,7 @@ def row_chunked_loss_grads(
                 dw.mul_(factor)
         else:
             _narrow_in_place(first, rest, dw, factor)
-    return lse, lin, dx, dw, db
+    return lse, loss_rows, dx, dw, db
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first_chunk: bool) -> None:

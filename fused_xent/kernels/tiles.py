@@ -62,6 +62,20 @@ def logit_epilogue(raw, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.const
 
 
 @triton.jit
+def fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN: tl.constexpr):
+    """Fold a (rows, cols) tile of logits ``z`` into each row's running max ``m``, sum
+    ``s = sum exp(z - m)`` and (with ``NEED_LIN``) ``lin = sum tt * z``; masked columns count
+    for nothing."""
+    zm = tl.where(col_mask[None, :], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zm - m_ref[:, None]), axis=1)
+    if NEED_LIN:
+        lin += tl.sum(tl.where(tt != 0.0, tt * z, 0.0), axis=1)
+    return m_new, s, lin
+
+
+@triton.jit
 def target_tile(
     Y1,
     K1,
