@@ -131,27 +131,28 @@ def row_chunked_loss_grads(
     softcap = opts.softcap or 1.0
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        n, xs = r1 - r0, x[r0:r1]
-        raw = buf[:n]
+        whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
+        n, xs = r1 - r0, x if whole else x[r0:r1]
+        raw = buf if whole else buf[:n]
         _raw_products(xs, w, raw)
-        rt_c = rt.rows(r0, r1)
+        rt_c = rt if whole else rt.rows(r0, r1)
         if buf.dtype == x.dtype:
             du = raw
         else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
             du = raw.view(x.dtype).as_strided((n, C), (2 * pitch, 1))
         pointers, t_strides, flags = _kernel_args(b, rt_c, opts)
-        lse_c = lse[r0:r1]
+        lse_c, loss_c = (lse, loss_rows) if whole else (lse[r0:r1], loss_rows[r0:r1])
         tile_n, tile_c = _GPU_TILE if dev.type == "cuda" else (16, 256)
         chunk_grad_kernel[(triton.cdiv(n, tile_n),)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, lse_c,
-            lse_c, 0, lse_c, loss_rows[r0:r1], rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
+            lse_c, 0, lse_c, loss_c, rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
             COMPUTE_DB=False, FILTER=False, WITH_STATS=True,
             **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=8,
         )  # fmt: skip
         if need_db:
             db += du.sum(0, dtype=torch.float32)
         if need_dx:
-            _mm_fp32(du, w, out=dx[r0:r1])
+            _mm_fp32(du, w, out=dx if whole else dx[r0:r1])
         if need_dw and direct:
             torch.mm(du.T, xs, out=dw)
         elif need_dw:
