@@ -28,6 +28,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return_lse: bool = False,
         impl: str = "auto",
         deterministic: bool = False,
+        memory_budget: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
@@ -40,6 +41,7 @@ class LinearCrossEntropyLoss(nn.Module):
         self.return_lse = return_lse
         self.impl = impl
         self.deterministic = deterministic
+        self.memory_budget = memory_budget
 
     def forward(
         self,
@@ -68,11 +70,13 @@ class LinearCrossEntropyLoss(nn.Module):
             return_lse=self.return_lse,
             impl=self.impl,
             deterministic=self.deterministic,
+            memory_budget=self.memory_budget,
         )
 
     def extra_repr(self) -> str:
         return (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, scale={self.scale}, softcap={self.softcap}, "
-            f"z_loss={self.z_loss}, impl={self.impl!r}, deterministic={self.deterministic}"
+            f"z_loss={self.z_loss}, impl={self.impl!r}, deterministic={self.deterministic}, "
+            f"memory_budget={self.memory_budget}"
         )
