@@ -3,7 +3,8 @@
 Forward + backward time (median, ``triton.testing.do_bench``) and peak extra memory of the loss
 of ``scale * I @ T.T`` with the diagonal as targets, for
 
-- ``fused_xent``: ``FusedClipLoss`` (one row + column lse pass, one recomputation);
+- ``fused_xent``: ``FusedClipLoss`` (one row + column lse pass, one recomputation), once per
+  CLIP backend named in ``--impls`` ("auto", "lean", "triton": rows ``fused_xent[lean]``, ...);
 - ``open_clip``: ``open_clip.loss.ClipLoss`` where it is installed, else the same eager formula
   (both B x B logit matrices materialised);
 - ``liger (2 calls)``: liger-kernel's fused linear cross-entropy, once per direction;
@@ -18,6 +19,7 @@ step exceeds ``--max-ms``, and plots memory and time against B. A missing packag
 failure is an error row, never a crash. Without CUDA a tiny case runs on the CPU (time only).
 
     PYTHONPATH=. python benchmarks/bench_clip.py --out benchmarks/results/h100
+    PYTHONPATH=. python benchmarks/bench_clip.py --out /tmp/clip --impls lean,triton --fused-only --sweep
 """
 
 from __future__ import annotations
@@ -50,9 +52,14 @@ def _eager_formula(images, texts, scale):
     return (F.cross_entropy(scale * images @ texts.T, labels) + F.cross_entropy(scale * texts @ images.T, labels)) / 2
 
 
-def methods() -> dict:
-    """name -> loss(images, texts, scale), or name -> the reason it is unavailable (a str)."""
-    out: dict = {"fused_xent": FusedClipLoss()}
+def methods(impls: tuple[str, ...] = ("auto",), fused_only: bool = False) -> dict:
+    """name -> loss(images, texts, scale), or name -> the reason it is unavailable (a str).
+    ``impls``: the fused CLIP backends to time ("auto" is the row ``fused_xent``)."""
+    out: dict = {
+        ("fused_xent" if impl == "auto" else f"fused_xent[{impl}]"): FusedClipLoss(impl=impl) for impl in impls
+    }
+    if fused_only:
+        return out
     try:
         from open_clip.loss import ClipLoss
 
@@ -148,12 +155,13 @@ def measure(loss_fn, images, texts, scale, device: str, reps: int, reference=Non
     return row
 
 
-def run_case(B: int, D: int, device: str, dtype, reps: int, skip: dict, with_errors: bool) -> list[dict]:
-    """One row per method at batch ``B``; ``skip`` (method -> reason) carries failures to larger B."""
+def run_case(B: int, D: int, device: str, dtype, reps: int, skip: dict, with_errors: bool, chosen: dict) -> list[dict]:
+    """One row per method of ``chosen`` at batch ``B``; ``skip`` (method -> reason) carries
+    failures to larger B."""
     images, texts, scale = make_inputs(B, D, device, dtype)
     reference = reference_grads(images, texts, scale) if with_errors else None
     rows = []
-    for name, fn in methods().items():
+    for name, fn in chosen.items():
         row = dict(method=name, B=B, D=D, dtype=str(dtype).removeprefix("torch."))
         if isinstance(fn, str):
             row.update(ms=None, mib=None, error=f"unavailable: {fn}"[:200])
@@ -168,7 +176,7 @@ def run_case(B: int, D: int, device: str, dtype, reps: int, skip: dict, with_err
             if device == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-        print(f"B={B:7d} {name:16s} {_fmt(row)}", file=sys.stderr, flush=True)
+        print(f"B={B:7d} {name:20s} {_fmt(row)}", file=sys.stderr, flush=True)
     del images, texts, reference
     return rows
 
@@ -224,13 +232,15 @@ def markdown(meta: dict, main_rows: list[dict], sweep_rows: list[dict]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for r in main_rows:
-        target = f"≤ {TARGET[0]:g} ms at ≤ {TARGET[1]} MiB" if r["method"] == "fused_xent" else ""
+        target = f"≤ {TARGET[0]:g} ms at ≤ {TARGET[1]} MiB" if r["method"].startswith("fused_xent") else ""
         if r.get("error"):
             lines.append(f"| {r['method']} | {r['B']} × {r['D']} | error | {r['error'][:70]} | | {target} |")
             continue
         mib = "" if r["mib"] is None else f"{r['mib']:.0f}"
         err = f"{r['grad_err']:.1e}" if "grad_err" in r else ""
         lines.append(f"| {r['method']} | {r['B']} × {r['D']} | {r['ms']:.2f} | {mib} | {err} | {target} |")
+    if not sweep_rows:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Batch-size sweep", "", "![memory and time vs batch size](clip.png)", ""]
     methods_seen = list(dict.fromkeys(r["method"] for r in sweep_rows))
     lines += ["| B | " + " | ".join(methods_seen) + " |", "|---|" + "---|" * len(methods_seen)]
@@ -249,7 +259,9 @@ def markdown(meta: dict, main_rows: list[dict], sweep_rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for clip.json, clip.md and clip.png")
-    parser.add_argument("--sweep", type=int, nargs="*", default=None, help="batch sizes of the sweep")
+    parser.add_argument("--sweep", type=int, nargs="*", default=None, help="batch sizes of the sweep (none: no sweep)")
+    parser.add_argument("--impls", default="auto", help="comma-separated fused CLIP backends: auto, lean, triton")
+    parser.add_argument("--fused-only", action="store_true", help="time only fused_xent (no open_clip, liger, Inf-CL)")
     parser.add_argument("--max-ms", type=float, default=3000.0, help="stop sweeping a method slower than this")
     parser.add_argument("--reps", type=int, default=5, help="CPU repetitions (CUDA uses do_bench)")
     args = parser.parse_args(argv)
@@ -257,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     main_case = GPU_MAIN if device == "cuda" else CPU_MAIN
-    sweep = args.sweep or (GPU_SWEEP if device == "cuda" else CPU_SWEEP)
+    sweep = args.sweep if args.sweep is not None else (GPU_SWEEP if device == "cuda" else CPU_SWEEP)
+    chosen = methods(tuple(args.impls.split(",")), args.fused_only)
     try:
         import triton
 
@@ -273,11 +286,11 @@ def main(argv: list[str] | None = None) -> None:
         dtype=str(dtype),
     )
 
-    main_rows = run_case(main_case["B"], main_case["D"], device, dtype, args.reps, {}, with_errors=True)
+    main_rows = run_case(main_case["B"], main_case["D"], device, dtype, args.reps, {}, True, chosen)
     skip: dict = {}
     sweep_rows = []
     for B in sweep:
-        rows = run_case(B, main_case["D"], device, dtype, args.reps, skip, with_errors=False)
+        rows = run_case(B, main_case["D"], device, dtype, args.reps, skip, False, chosen)
         for r in rows:
             if r.get("ms") is not None and r["ms"] > args.max_ms:
                 skip[r["method"]] = f"skipped: {r['ms']:.0f} ms at B={B} > --max-ms"
@@ -286,15 +299,16 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "clip.json").write_text(json.dumps(dict(meta=meta, main=main_rows, sweep=sweep_rows), indent=1))
     (args.out / "clip.md").write_text(markdown(meta, main_rows, sweep_rows))
-    plot(sweep_rows, args.out / "clip.png", f"CLIP loss, D={main_case['D']}, {meta['device']}")
+    if sweep_rows:
+        plot(sweep_rows, args.out / "clip.png", f"CLIP loss, D={main_case['D']}, {meta['device']}")
     print(f"\n{meta['device']}  torch {meta['torch']}  triton {meta['triton']}  -> {args.out}")
-    print(f"{'method':18s} {'B x D':>12s} {'ms':>9s} {'MiB':>8s} {'grad err':>9s}")
+    print(f"{'method':20s} {'B x D':>12s} {'ms':>9s} {'MiB':>8s} {'grad err':>9s}")
     for r in main_rows:
         if r.get("error"):
-            print(f"{r['method']:18s} {r['B']:>6d} x {r['D']:<4d} {r['error'][:60]}")
+            print(f"{r['method']:20s} {r['B']:>6d} x {r['D']:<4d} {r['error'][:60]}")
             continue
         mib = "" if r["mib"] is None else f"{r['mib']:.0f}"
-        print(f"{r['method']:18s} {r['B']:>6d} x {r['D']:<4d} {r['ms']:9.2f} {mib:>8s} {r['grad_err']:9.1e}")
+        print(f"{r['method']:20s} {r['B']:>6d} x {r['D']:<4d} {r['ms']:9.2f} {mib:>8s} {r['grad_err']:9.1e}")
 
 
 if __name__ == "__main__":

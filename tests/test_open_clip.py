@@ -199,6 +199,124 @@ def test_triton_clip_loss_matches_open_clip(with_bias):
     _assert_close(ours, ref, rtol=2e-6, bias_atol=1e-6)
 
 
+# ------------------------------------------------------------------ lean backend (interpreter)
+
+
+def _grid_features(B, D, dtype, seed):
+    """Features on a grid of quarters: every product ``x . y`` (a multiple of 1/16, |.| < 8) is
+    exact in bf16, fp16 and fp32, so the chunk's rounding of R is no rounding at all and the
+    lean backend is held to the float64 reference directly."""
+    g = torch.Generator().manual_seed(seed)
+    x, y = (torch.randint(-2, 3, (B, D), generator=g, dtype=torch.float64) / 4 for _ in range(2))
+    return x.to(dtype), y.to(dtype)
+
+
+def _small_tiles(monkeypatch, cols, rows=None):
+    """Chunks of ``cols`` columns for both passes of the lean backend (several per test matrix),
+    and backward tiles of ``rows`` rows."""
+    from fused_xent.kernels import clip_chunked
+
+    monkeypatch.setattr(clip_chunked, "chunk_cols", lambda B, D, dtype, nbytes: min(B, cols))
+    if rows is not None:
+        monkeypatch.setattr(clip_chunked, "TILE_ROWS", rows)
+    return clip_chunked
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "B,D,cols", [(37, 21, 16), (45, 19, 8), (64, 5, 32), (5, 3, 128)], ids=["odd", "tail", "even", "one_chunk"]
+)
+def test_lean_forward_over_chunks(monkeypatch, B, D, cols):
+    """Several chunks with a tail narrower than 8 columns (45), tiles that all are full (64:
+    the kernel's unmasked path), one chunk wider than B (5); row and column statistics merged
+    over stripes, groups and chunks, and the diagonal of every chunk."""
+    clip_chunked = _small_tiles(monkeypatch, cols)
+    x, y = _grid_features(B, D, torch.float32, seed=B)
+    scale = torch.tensor([2.5])
+    for got, want in zip(clip_chunked.clip_chunked_forward(x, y, scale), _reference_lse(x, y, scale), strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=2e-6)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_lean_backward_over_chunks(monkeypatch, dtype):
+    """Tiles of 16 x 16 (a tail of 13 rows and one of 5 columns): dz written over R in place
+    (fp16: over fp32 R with the same byte pitch), dY accumulated over row tiles, dX_raw over
+    column chunks, ds from the per-program partials; against the float64 chunked backward.
+    bf16 / fp16 round dz once and the gradients once."""
+    clip_chunked = _small_tiles(monkeypatch, 16, rows=16)
+    B, D = 45, 19
+    x, y = _grid_features(B, D, dtype, seed=7)
+    s = torch.tensor([2.5])
+    g = torch.Generator().manual_seed(8)
+    g_row, g_col = (torch.randn(B, generator=g) for _ in range(2))
+    g_diag = torch.tensor(-0.7).expand(B)  # autograd can hand in stride-0 gradients
+    lse_row, lse_col, _ = _reference_lse(x, y, s)
+    got = clip_chunked.clip_chunked_backward(x, y, s, lse_row.float(), lse_col.float(), g_row, g_col, g_diag)
+    want = fused.chunked_clip_backward(
+        x.double(), y.double(), s.double(), lse_row, lse_col, g_row.double(), g_col.double(), g_diag.double()
+    )
+    tol = 1e-5 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].shape == (1,)
+    for a, b in zip(got, want, strict=True):
+        assert _rel(a, b) <= tol
+
+
+@needs_open_clip
+@needs_interpreter
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_lean_clip_loss_matches_open_clip(monkeypatch, with_bias):
+    """The loss, feature gradients and the learnable scale's gradient through several chunks."""
+    _small_tiles(monkeypatch, 8, rows=24)
+    images, texts, scale, bias = _features(29, 13, torch.float32, seed=9)
+    tensors = (images, texts, scale, bias) if with_bias else (images, texts, scale)
+    ours = _loss_and_grads(fused.FusedClipLoss(impl="lean"), tensors)
+    ref = _loss_and_grads(open_clip_loss.ClipLoss(), tuple(t.double() for t in tensors))
+    _assert_close(ours, ref, rtol=2e-6, bias_atol=1e-6)
+
+
+@needs_interpreter
+def test_lean_clip_loss_compiles_fullgraph(monkeypatch):
+    """The custom ops take the backend by name: "lean" compiles without a graph break."""
+    _small_tiles(monkeypatch, 8, rows=16)
+    images, texts, scale, _ = _features(20, 6, torch.float32, seed=15)
+
+    def loss_fn(i, t, s):
+        return fused.clip_loss(i, t, s, impl="lean")
+
+    eager = _loss_and_grads(loss_fn, (images, texts, scale))
+    torch._dynamo.reset()
+    compiled = _loss_and_grads(torch.compile(loss_fn, fullgraph=True, backend="aot_eager"), (images, texts, scale))
+    _assert_close(compiled, eager, rtol=1e-6)
+
+
+def test_lean_chunk_width_and_memory_budget():
+    """B = 32768, D = 768 bf16: the forward's chunk (3072 columns) and the backward's peak (dY,
+    the fp32 dX accumulator, one tile and the chunk's fp32 dY accumulator; dX comes once the
+    tile is freed) stay under 256 MiB. At B = 262144 the forward's chunk keeps 1024 columns,
+    within the accumulator's size (O(B D))."""
+    from fused_xent.kernels import clip_chunked
+
+    B, D = 32768, 768
+    assert clip_chunked.chunk_cols(B, D, torch.bfloat16, clip_chunked.FORWARD_CHUNK_BYTES) == 3072
+    rows = min(B, clip_chunked.TILE_ROWS)
+    cols = clip_chunked.chunk_cols(rows, D, torch.bfloat16, clip_chunked.CHUNK_BYTES)
+    assert B * D * 2 + B * D * 4 + rows * cols * 2 + cols * D * 4 <= 250 * 2**20
+    big = 262144
+    assert clip_chunked.chunk_cols(big, D, torch.bfloat16, clip_chunked.FORWARD_CHUNK_BYTES) == 1024
+    assert clip_chunked.chunk_cols(big, D, torch.float32, clip_chunked.FORWARD_CHUNK_BYTES) * 4 <= 4 * D
+    assert clip_chunked.chunk_cols(5, 3, torch.float16, clip_chunked.CHUNK_BYTES) == 5
+
+
+def test_lean_backend_choice():
+    """On CPU "auto" takes the chunked torch path; "lean" refuses float64, naming itself."""
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    assert fused._clip_backend("auto", x).name == "chunked"
+    assert fused._clip_backend("auto", x.float()).name == "chunked"
+    with pytest.raises(ValueError, match="lean"):
+        fused.clip_lse(x, x, impl="lean")
+
+
 # ------------------------------------------------------------------ SigLipLoss, world size 1
 
 
@@ -370,14 +488,17 @@ def gpu(test):
     return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")(test))
 
 
-@pytest.mark.parametrize("B,D", [(1, 8), (1000, 100), (4133, 257)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,D", [(1, 8), (1000, 100), (4133, 257), (20000, 100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("impl", ["lean", "triton"])
 @gpu
-def test_gpu_triton_kernels_match_float64(B, D, dtype):
-    """Odd sizes through the compiled kernels; fp32 uses IEEE products, bf16 rounds dz once."""
+def test_gpu_kernels_match_float64(B, D, dtype, impl):
+    """Odd sizes through the compiled kernels (20000 rows: two backward tiles of "lean"); fp32
+    uses IEEE products, bf16 / fp16 round dz once ("lean" bf16 also rounds R, as torch's own
+    bf16 matmul does)."""
     images, texts = _gpu_features(B, D, dtype)
     scale = torch.tensor(30.0, device="cuda")
-    ours = _loss_and_grads(fused.FusedClipLoss(impl="triton"), (images, texts, scale))
+    ours = _loss_and_grads(fused.FusedClipLoss(impl=impl), (images, texts, scale))
     exact = _loss_and_grads(fused.FusedClipLoss(impl="chunked"), (images.double(), texts.double(), scale.double()))
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert abs(ours[0].item() - exact[0].item()) <= tol * abs(exact[0].item())

@@ -6,9 +6,11 @@ CLIP (``open_clip.loss.ClipLoss``), for image features ``I`` and text features `
     loss = (mean_i (lse_row_i - z_ii) + mean_j (lse_col_j - z_jj)) / 2
 
 so it needs the row and the column log-sum-exp of one matrix. ``clip_lse`` returns both and the
-diagonal (differentiable) from one pass of ``fused_xent.kernels.clip_xent`` on CUDA, or from
-row chunks in plain torch on CPU; a scalar bias shifts ``lse`` and ``z_ii`` alike, so it
-cancels in value and stays in the graph (its gradient is 0, as in open_clip).
+diagonal (differentiable): on CUDA from ``fused_xent.kernels.clip_chunked`` (column chunks of
+cuBLAS products with Triton kernels between them, "lean") or ``fused_xent.kernels.clip_xent``
+(all-Triton, "triton"), on CPU from row chunks in plain torch; a scalar bias shifts ``lse``
+and ``z_ii`` alike, so it cancels in value and stays in the graph (its gradient is 0, as in
+open_clip).
 
 SigLIP (``open_clip.loss.SigLipLoss``) sums a sigmoid loss over every pair of a block,
 
@@ -38,7 +40,7 @@ from fused_xent.distributed import gather_features
 from fused_xent.functional import linear_cross_entropy
 from fused_xent.reference import chunk_rows, compute_dtype, matmul_wide
 
-IMPLS = ("auto", "triton", "chunked")
+IMPLS = ("auto", "lean", "triton", "chunked")
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
@@ -103,24 +105,32 @@ def _triton_clip_backend() -> _ClipBackend:
     return _ClipBackend("triton", clip_xent_forward, clip_xent_backward)
 
 
+def _lean_clip_backend() -> _ClipBackend:
+    from fused_xent.kernels.clip_chunked import clip_chunked_backward, clip_chunked_forward
+
+    return _ClipBackend("lean", clip_chunked_forward, clip_chunked_backward)
+
+
 #: Every backend ``_clip_backend`` can return, by name: the custom ops below receive the name.
 _CLIP_BACKENDS = {
     "chunked": lambda: _ClipBackend("chunked", chunked_clip_forward, chunked_clip_backward),
     "triton": _triton_clip_backend,
+    "lean": _lean_clip_backend,
 }
 
 
 def _clip_backend(impl: str, x: torch.Tensor) -> _ClipBackend:
-    use_triton = impl == "triton" or (impl == "auto" and x.is_cuda and x.dtype != torch.float64)
-    if not use_triton:
+    if impl == "auto":
+        impl = "lean" if x.is_cuda and x.dtype != torch.float64 else "chunked"
+    if impl == "chunked":
         return _CLIP_BACKENDS["chunked"]()
     if x.dtype == torch.float64:
-        raise ValueError("impl='triton' supports float32, float16 and bfloat16 features, got float64")
+        raise ValueError(f"impl={impl!r} supports float32, float16 and bfloat16 features, got float64")
     from fused_xent.kernels.config import interpreting
 
     if not x.is_cuda and not interpreting():
-        raise ValueError("impl='triton' on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
-    return _CLIP_BACKENDS["triton"]()
+        raise ValueError(f"impl={impl!r} on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported")
+    return _CLIP_BACKENDS[impl]()
 
 
 # As in fused_xent.functional: the backends run inside two custom ops, so that
@@ -212,7 +222,9 @@ def clip_lse(x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0
     Args:
         x, y: (B, D) features of one dtype (float32 / float16 / bfloat16; float64 on CPU).
         scale: float or 1-element tensor (learnable: gets a gradient).
-        impl: "auto" (Triton on CUDA, chunked torch elsewhere), "triton" or "chunked".
+        impl: "auto" ("lean" on CUDA, "chunked" elsewhere), "lean" (cuBLAS products per
+            column chunk, Triton kernels between them), "triton" (all-Triton) or "chunked"
+            (plain torch).
 
     Returns:
         ``(lse_row, lse_col, diag)``, each (B,) fp32 (fp64 for fp64 input) and differentiable:
