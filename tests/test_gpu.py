@@ -42,7 +42,7 @@ def _grads(fn, x, w, b, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("impl", ["auto", "lean", "fast", "fast_512_rows", "triton"])
 def test_real_size_within_twice_torch_error(size, dtype, impl):
-    """ "fast_512_rows": the fast mode with no memory budget, so in chunks of 512 rows whose
+    """The "fast_512_rows" case: the fast mode with no memory budget, so in chunks of 512 rows whose
     dW sums go through the split fp32 accumulator."""
     N, D, C = SIZES[size]
     budget = 0 if impl == "fast_512_rows" else None
