@@ -493,7 +493,14 @@ def _budget(memory_budget: int | None, device: torch.device) -> int:
         return _MEMORY_BUDGET
     if device.type != "cuda":
         return 2**30
-    return torch.cuda.get_device_properties(device).total_memory // 16
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _DEVICE_MEMORY:
+        _DEVICE_MEMORY[index] = torch.cuda.get_device_properties(index).total_memory
+    return _DEVICE_MEMORY[index] // 16
+
+
+#: Total memory per CUDA device index, read once.
+_DEVICE_MEMORY: dict[int, int] = {}
 
 
 def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_budget) -> int | None:
@@ -672,11 +679,11 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
     and the first later call that finds the copy complete raises; meanwhile the offending
     rows' loss is NaN (``build_row_targets``), never a silently wrong number. Skipped while
     compiling or capturing a CUDA graph (NaN rows only)."""
-    _raise_finished_checks()
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
+    _raise_finished_checks()
     keep = None if ignore_index is None else t != ignore_index
     flags = [_label_range(t, keep)]
     if t2 is not None:

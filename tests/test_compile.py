@@ -211,7 +211,7 @@ def test_custom_ops_pass_opcheck(need):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["auto", "triton", "chunked"])
+@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "triton", "chunked"])
 def test_gpu_model_fullgraph_inductor(impl):
     torch.manual_seed(0)
     model = _TinyClassifier(D=256, C=5003).cuda()

@@ -123,18 +123,24 @@ def row_chunked_loss_grads(
     pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
     direct = rows == N and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
+    # every GEMM over classes [0, C8) and a tail of fewer than 8: cuBLAS runs its fast 16-bit
+    # kernels only when that dimension is a multiple of 8 (4x slower at C = 21841 measured)
+    C8 = C // 8 * 8
+    spans = [(c0, c1) for c0, c1 in ((0, C8), (C8, C)) if c1 > c0]
     if need_dw and not direct and w.dtype != torch.float32:
         first, rest = _split_accumulator(dw)
-        dw_parts = ((first, 0, first.shape[0]), (rest, first.shape[0], C))
+        half = first.shape[0]
+        dw_parts = [(first, 0, half)] + [(rest[c0 - half : c1 - half], c0, c1) for c0, c1 in _cut(half, C, C8)]
     elif need_dw:
-        dw_parts = ((dw, 0, C),)
+        dw_parts = [(dw[c0:c1], c0, c1) for c0, c1 in spans]
     softcap = opts.softcap or 1.0
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
         n, xs = r1 - r0, x if whole else x[r0:r1]
         raw = buf if whole else buf[:n]
-        _raw_products(xs, w, raw)
+        for c0, c1 in spans:
+            _raw_products(xs, w[c0:c1], raw[:, c0:c1])
         rt_c = rt if whole else rt.rows(r0, r1)
         if buf.dtype == x.dtype:
             du = raw
@@ -152,9 +158,12 @@ def row_chunked_loss_grads(
         if need_db:
             db += du.sum(0, dtype=torch.float32)
         if need_dx:
-            _mm_fp32(du, w, out=dx if whole else dx[r0:r1])
+            dx_c = dx if whole else dx[r0:r1]
+            for c0, c1 in spans:
+                _accumulate(dx_c, du[:, c0:c1], w[c0:c1], first_chunk=c0 == 0)
         if need_dw and direct:
-            torch.mm(du.T, xs, out=dw)
+            for c0, c1 in spans:
+                torch.mm(du[:, c0:c1].T, xs, out=dw[c0:c1])
         elif need_dw:
             for acc, c0, c1 in dw_parts:
                 _accumulate(acc, du[:, c0:c1].T, xs, first_chunk=r0 == 0)
@@ -166,6 +175,11 @@ def row_chunked_loss_grads(
         else:
             _narrow_in_place(first, rest, dw, factor)
     return lse, loss_rows, dx, dw, db
+
+
+def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` split at ``at`` when it falls inside."""
+    return [(lo, at), (at, hi)] if lo < at < hi else [(lo, hi)]
 
 
 def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first_chunk: bool) -> None:
