@@ -235,12 +235,12 @@ def _fast_impl(
     denominator = rt.row_weight.sum() if reduction == "mean" else None
     g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
-        lse, row_losses, dx_raw, dw, db = row_chunked_loss_grads(
-            x, w, b, scale, rt, opts, g, rows, need_dx or need_ds, need_dw, need_db, scale_is_one
+        lse, row_losses, dx_raw, dw, db, dx_final = row_chunked_loss_grads(
+            x, w, b, scale, rt, opts, g, rows, need_dx or need_ds, need_dw, need_db, scale_is_one, not need_ds
         )
     loss = row_losses.sum() if reduction == "sum" else row_losses.sum() / denominator
     empty = x.new_empty((0,))
-    dx = (dx_raw * scale).to(x.dtype) if need_dx else empty
+    dx = (dx_raw if dx_final else (dx_raw * scale).to(x.dtype)) if need_dx else empty
     dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else empty
     return loss, lse, dx, dw if need_dw else empty, db.to(b.dtype) if need_db else empty, dscale
 

@@ -131,3 +131,9 @@ def test_compiled_fast_matches_eager():
         results.append([loss, *torch.autograd.grad(loss * 0.5, leaves)])
     for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dx_straight_from_its_gemm(dtype):
+    """C a multiple of 8, no scale: dX leaves its GEMM in the input dtype, one rounding."""
+    check("fast", dtype, 64, 33, 128, bias=True, label_smoothing=0.1, ignore=3)

@@ -104,21 +104,24 @@ def row_chunked_loss_grads(
     need_dw: bool,
     need_db: bool,
     scale_is_one: bool = False,
+    dx_final: bool = False,
 ):
-    """``(lse, loss_rows, dx_raw, dw, db)`` for the upstream gradient ``g`` (1-element: the
+    """``(lse, loss_rows, dx_raw, dw, db, dx_final)`` for the upstream gradient ``g`` (1-element: the
     mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse``, ``loss_rows``
     (formulation's row_loss) and ``dx_raw`` (without the scale) fp32, ``dw`` in w's dtype
-    with the scale, ``db`` fp32; None for a gradient not needed."""
+    with the scale, ``db`` fp32; None for a gradient not needed. ``dx_final`` (no scale, no
+    scale gradient): ``dx`` comes out of its GEMM in x's dtype, rounded once, as dX itself."""
     N, D = x.shape
     C = w.shape[0]
     dev = x.device
     lse = torch.empty(N, device=dev)
     loss_rows = torch.empty(N, device=dev)
-    dx = torch.empty((N, D), device=dev) if need_dx else None
+    dx_final = dx_final and scale_is_one and C % 8 == 0  # one GEMM per row, no fp32 sum needed
+    dx = torch.empty((N, D), device=dev, dtype=x.dtype if dx_final else torch.float32) if need_dx else None
     dw = torch.empty_like(w) if need_dw else None
     db = torch.zeros(C, device=dev) if need_db else None
     if N == 0:
-        return lse, loss_rows, dx, None if dw is None else dw.zero_(), db
+        return lse, loss_rows, dx, None if dw is None else dw.zero_(), db, dx_final
     rows = min(rows, N)
     pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
@@ -159,7 +162,9 @@ def row_chunked_loss_grads(
             db += du.sum(0, dtype=torch.float32)
         if need_dx:
             dx_c = dx if whole else dx[r0:r1]
-            for c0, c1 in spans:
+            if dx_final:
+                torch.mm(du, w, out=dx_c)
+            for c0, c1 in spans if not dx_final else ():
                 _accumulate(dx_c, du[:, c0:c1], w[c0:c1], first_chunk=c0 == 0)
         if need_dw and direct:
             for c0, c1 in spans:
@@ -174,7 +179,7 @@ def row_chunked_loss_grads(
                 dw.mul_(factor)
         else:
             _narrow_in_place(first, rest, dw, factor)
-    return lse, loss_rows, dx, dw, db
+    return lse, loss_rows, dx, dw, db, dx_final
 
 
 def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
