@@ -40,13 +40,13 @@ def _grads(fn, x, w, b, dtype):
 
 @pytest.mark.parametrize("size", sorted(SIZES))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "fast_512_rows", "triton"])
+@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "fast_min_rows", "triton"])
 def test_real_size_within_twice_torch_error(size, dtype, impl):
-    """The "fast_512_rows" case: the fast mode with no memory budget, so in chunks of 512 rows whose
-    dW sums go through the split fp32 accumulator."""
+    """The "fast_min_rows" case: the fast mode with no memory budget, so in chunks of
+    MIN_FAST_ROWS rows whose dW sums go through the split fp32 accumulator."""
     N, D, C = SIZES[size]
-    budget = 0 if impl == "fast_512_rows" else None
-    impl = "fast" if impl == "fast_512_rows" else impl
+    budget = 0 if impl == "fast_min_rows" else None
+    impl = "fast" if impl == "fast_min_rows" else impl
     x, w, b, y = _problem(N, D, C, dtype, seed=hash((size, str(dtype))) % 1000)
     opts = dict(label_smoothing=0.1, ignore_index=-100)
 
