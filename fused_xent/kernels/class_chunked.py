@@ -364,6 +364,8 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
     cols = order[:k]
     du_t = du.T.index_select(0, cols)
     if dw is not None:
-        dw[c0:c1].index_copy_(0, cols, (_mm_fp32(du_t, x) * scale).to(dw.dtype))
+        # index_put_ (unique rows) has a deterministic CUDA path; index_copy_ alerts under
+        # torch.use_deterministic_algorithms
+        dw[c0:c1].index_put_((cols,), (_mm_fp32(du_t, x) * scale).to(dw.dtype))
     if dx is not None:
         _addmm_fp32(dx, du_t.T, w[c0:c1].index_select(0, cols))
