@@ -261,3 +261,33 @@ def test_triton_on_cpu_without_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match="TRITON_INTERPRET"):
         linear_cross_entropy(torch.randn(4, 3), torch.randn(5, 3), torch.zeros(4, dtype=torch.long), impl="triton")
+
+
+def test_deferred_range_check_raises_on_a_later_call(monkeypatch):
+    """The CUDA path's bookkeeping, driven on CPU: a finished check whose flags show a bad
+    label raises on the next call, naming the argument and the value, once; one still in
+    flight waits."""
+    from fused_xent import functional
+
+    class Event:
+        def __init__(self, done):
+            self.done = done
+
+        def query(self):
+            return self.done
+
+    pending = functional._PENDING_CHECKS
+    monkeypatch.setattr(functional, "_PENDING_CHECKS", pending.__class__())
+    x, w, _, y, _ = make_problem(6, 5, 11, torch.float32)
+    functional._PENDING_CHECKS.append((Event(False), torch.tensor([0, 17]), 11, -100))
+    linear_cross_entropy(x, w, y)  # still in flight: nothing yet
+    functional._PENDING_CHECKS[0][0].done = True
+    with pytest.raises(ValueError, match=r"target contains 17, outside \[0, 11\).*its loss is NaN"):
+        linear_cross_entropy(x, w, y)
+    linear_cross_entropy(x, w, y)  # reported once
+    functional._PENDING_CHECKS.append((Event(True), torch.tensor([-2, 3, 0, 0, 1]), 11, None))
+    with pytest.raises(ValueError, match="target contains -2"):
+        linear_cross_entropy(x, w, y)
+    functional._PENDING_CHECKS.append((Event(True), torch.tensor([0, 3, 0, 0, 1]), 11, None))
+    with pytest.raises(ValueError, match="lam must lie in"):
+        linear_cross_entropy(x, w, y)

@@ -138,3 +138,24 @@ def test_dx_straight_from_its_gemm():
     (fp16: in bf16 the logits' own rounding moves this shape's loss past check's fp32 bound,
     for lean as well.)"""
     check("fast", torch.float16, 64, 33, 128, bias=True, label_smoothing=0.1, ignore=3)
+
+
+def test_auto_takes_fast_only_where_it_fits_and_pays(monkeypatch):
+    """Auto on CUDA-like tensors: fast when a chunk of at least MIN_FAST_ROWS rows fits in
+    the budget and the loss is reduced, lean otherwise (a CPU tensor stands in: _fast_rows
+    only reads shapes)."""
+    lean = functional._class_chunked_backend()
+    x = torch.empty(8192, 2304, dtype=torch.bfloat16)
+    w = torch.empty(256000, 2304, dtype=torch.bfloat16)
+
+    def rows(budget, reduction="mean", return_lse=False, impl="auto", need_grad=True):
+        return functional._fast_rows(impl, lean, x, w, reduction, return_lse, need_grad, budget)
+
+    assert rows(6 * 2**30) == 8192  # every row in one chunk
+    assert 1024 <= rows(2 * 2**30) < 8192  # row chunks with the split accumulator
+    assert rows(2**30) is None  # the fp32 half of dW alone is 1.1 GiB: lean
+    assert rows(6 * 2**30, reduction="none") is None
+    assert rows(6 * 2**30, return_lse=True) is None
+    assert rows(6 * 2**30, need_grad=False) is None  # evaluation streams instead
+    assert rows(2**30, impl="fast") == row_chunked.MIN_FAST_ROWS  # asked for: the smallest chunks
+    assert functional._fast_rows("lean", lean, x, w, "mean", False, True, 6 * 2**30) is None
