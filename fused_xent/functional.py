@@ -239,10 +239,10 @@ def _fast_impl(
             x, w, b, scale, rt, opts, g, rows, need_dx or need_ds, need_dw, need_db, scale_is_one, not need_ds
         )
     loss = row_losses.sum() if reduction == "sum" else row_losses.sum() / denominator
-    empty = x.new_empty((0,))
-    dx = (dx_raw if dx_final else (dx_raw * scale).to(x.dtype)) if need_dx else empty
-    dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else empty
-    return loss, lse, dx, dw if need_dw else empty, db.to(b.dtype) if need_db else empty, dscale
+    dx = (dx_raw if dx_final else (dx_raw * scale).to(x.dtype)) if need_dx else x.new_empty((0,))
+    dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else x.new_empty((0,))
+    dw = dw if need_dw else x.new_empty((0,))  # a fresh tensor each: a custom op's outputs may not alias
+    return loss, lse, dx, dw, db.to(b.dtype) if need_db else x.new_empty((0,)), dscale
 
 
 _fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, mutates_args=())

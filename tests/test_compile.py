@@ -184,7 +184,8 @@ def test_lam_outside_unit_interval_gives_nan_when_compiled():
 
 @pytest.mark.parametrize("need", ["all", "weight_only"])
 def test_custom_ops_pass_opcheck(need):
-    """Schema, fake (meta) implementation and autograd registration of both ops."""
+    """Schema, fake (meta) implementation and autograd registration of the three ops (the
+    fast one through the interpreter's kernels)."""
     x, w, b, y = _problem(5, 6, 9, seed=8)
     s = torch.tensor([1.2])
     if need == "weight_only":
@@ -207,6 +208,9 @@ def test_custom_ops_pass_opcheck(need):
     bwd_args = (x.detach(), w.detach(), b.detach(), s.detach(), lse, torch.rand(5), targets, 9, 0.1, 0.0, None)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", True, True, True))
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", False, True, False))
+    needs = [t.requires_grad for t in (x, w, b, s)]
+    fast_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, "mean", 5, False, *needs)
+    torch.library.opcheck(torch.ops.fused_xent.linear_xent_fast.default, fast_args)
 
 
 @pytest.mark.gpu
