@@ -235,14 +235,15 @@ def _fast_impl(
     denominator = rt.row_weight.sum() if reduction == "mean" else None
     g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
-        lse, row_losses, dx_raw, dw, db, dx_final = row_chunked_loss_grads(
-            x, w, b, scale, rt, opts, g, rows, need_dx or need_ds, need_dw, need_db, scale_is_one, not need_ds
+        lse, row_losses, dx, dw, db, dscale = row_chunked_loss_grads(
+            x, w, b, scale, rt, opts, g, rows, need_dx, need_dw, need_db, need_ds, scale_is_one
         )
     loss = row_losses.sum() if reduction == "sum" else row_losses.sum() / denominator
-    dx = (dx_raw if dx_final else (dx_raw * scale).to(x.dtype)) if need_dx else x.new_empty((0,))
-    dscale = (dx_raw * x).sum().reshape(scale.shape) if need_ds else x.new_empty((0,))
-    dw = dw if need_dw else x.new_empty((0,))  # a fresh tensor each: a custom op's outputs may not alias
-    return loss, lse, dx, dw, db.to(b.dtype) if need_db else x.new_empty((0,)), dscale
+
+    def out(grad: torch.Tensor | None) -> torch.Tensor:  # a fresh tensor each: op outputs may not alias
+        return grad if grad is not None else x.new_empty((0,))
+
+    return loss, lse, out(dx), out(dw), out(None if db is None else db.to(b.dtype)), out(dscale)
 
 
 _fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, mutates_args=())
@@ -666,7 +667,7 @@ def _check_class_weight(weight, C, device):
 
 
 #: Range checks of earlier CUDA calls whose flags are still on their way to the host:
-#: (event, pinned host copy, C, ignore_index, has_target2).
+#: (event, pinned host copy, C, ignore_index).
 _PENDING_CHECKS: collections.deque = collections.deque()
 
 

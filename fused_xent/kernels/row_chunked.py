@@ -8,13 +8,15 @@ For a chunk of rows ``[r0, r1)`` one cuBLAS GEMM gives the raw products of *ever
   then, with the upstream gradient of a reduced loss known in advance (``g``: the mean's
   ``1 / sum(row_weight)`` or the sum's 1, on every kept row), ``dU = cp * p - g * tt``
   written over R in place;
-- ``dX_raw[r0:r1] = dU @ W`` (complete, fp32) and ``dW += scale * dU.T @ X[r0:r1]``.
+- ``dX[r0:r1] = dU @ W`` (complete: in x's dtype straight from the GEMM, or in fp32 when
+  the scale or its gradient needs it) and ``dW += scale * dU.T @ X[r0:r1]``.
 
 dW sums over row chunks, so 16-bit weights need an fp32 accumulator. It lives half in the
 storage of dW itself (its first ~C/2 rows in fp32 fit in dW's bytes) and half in one
 extra fp32 buffer for the other rows; at the end the first half is narrowed in place
 (front to back, never overwriting bytes not yet read) and the second half copied behind
-it. Memory beyond the gradients: one chunk of logits, that half accumulator and fp32 dX.
+it. Memory beyond the gradients: one chunk of logits, that half accumulator and, at most,
+an fp32 dX.
 With a single chunk of rows there is no accumulator at all. No atomics: deterministic.
 """
 
@@ -25,6 +27,7 @@ from fused_xent.formulation import RowTargets, XentOptions
 from fused_xent.kernels.class_chunked import (
     _addmm_fp32,
     _chunk_dtype,
+    _chunk_ranges,
     _kernel_args,
     _mm_fp32,
     _raw_products,
@@ -105,33 +108,37 @@ def row_chunked_loss_grads(
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
+    need_ds: bool,
     scale_is_one: bool = False,
-    dx_final: bool = False,
 ):
-    """``(lse, loss_rows, dx_raw, dw, db, dx_final)`` for the upstream gradient ``g`` (1-element: the
-    mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse``, ``loss_rows``
-    (formulation's row_loss) and ``dx_raw`` (without the scale) fp32, ``dw`` in w's dtype
-    with the scale, ``db`` fp32; None for a gradient not needed. ``dx_final`` (no scale, no
-    scale gradient): ``dx`` comes out of its GEMM in x's dtype, rounded once, as dX itself."""
+    """``(lse, loss_rows, dx, dw, db, dscale)`` for the upstream gradient ``g`` (1-element:
+    the mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse`` and
+    ``loss_rows`` (formulation's row_loss) fp32, ``dx`` and ``dw`` in their inputs' dtypes,
+    ``db`` and ``dscale`` fp32; None for a gradient not needed."""
     N, D = x.shape
     C = w.shape[0]
     dev = x.device
     lse = torch.empty(N, device=dev)
     loss_rows = torch.empty(N, device=dev)
-    dx_final = dx_final and scale_is_one and C % 8 == 0  # one GEMM per row, no fp32 sum needed
-    dx = torch.empty((N, D), device=dev, dtype=x.dtype if dx_final else torch.float32) if need_dx else None
+    # dX straight from one GEMM in x's dtype (rounded once, as torch's own) unless the scale
+    # or its gradient needs dX_raw, or a tail of classes needs a second, accumulating GEMM
+    dx_final = scale_is_one and not need_ds and C % 8 == 0
+    need_raw = need_dx or need_ds
+    dx = torch.empty((N, D), device=dev, dtype=x.dtype if dx_final else torch.float32) if need_raw else None
     dw = torch.empty_like(w) if need_dw else None
     db = torch.zeros(C, device=dev) if need_db else None
     if N == 0:
-        return lse, loss_rows, dx, None if dw is None else dw.zero_(), db, dx_final
+        dscale = torch.zeros(1, device=dev) if need_ds else None
+        return lse, loss_rows, dx.to(x.dtype) if need_dx else None, None if dw is None else dw.zero_(), db, dscale
     rows = min(rows, N)
+    whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
     pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
-    direct = rows == N and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
+    direct = whole and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
     # every GEMM over classes [0, C8) and a tail of fewer than 8: cuBLAS runs its fast 16-bit
     # kernels only when that dimension is a multiple of 8 (4x slower at C = 21841 measured)
-    C8 = C // 8 * 8
-    spans = [(c0, c1) for c0, c1 in ((0, C8), (C8, C)) if c1 > c0]
+    spans = _chunk_ranges(C, C)
+    C8 = spans[0][1] if len(spans) > 1 else C
     if need_dw and not direct and w.dtype != torch.float32:
         first, rest = _split_accumulator(dw)
         half = first.shape[0]
@@ -139,9 +146,9 @@ def row_chunked_loss_grads(
     elif need_dw:
         dw_parts = [(dw[c0:c1], c0, c1) for c0, c1 in spans]
     softcap = opts.softcap or 1.0
+    tile_n, tile_c = _GPU_TILE if dev.type == "cuda" else (16, 256)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
-        whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
         n, xs = r1 - r0, x if whole else x[r0:r1]
         raw = buf if whole else buf[:n]
         for c0, c1 in spans:
@@ -153,7 +160,6 @@ def row_chunked_loss_grads(
             du = raw.view(x.dtype).as_strided((n, C), (2 * pitch, 1))
         pointers, t_strides, flags = _kernel_args(b, rt_c, opts)
         lse_c, loss_c = (lse, loss_rows) if whole else (lse[r0:r1], loss_rows[r0:r1])
-        tile_n, tile_c = _GPU_TILE if dev.type == "cuda" else (16, 256)
         chunk_grad_kernel[(triton.cdiv(n, tile_n),)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, lse_c,
             lse_c, 0, lse_c, loss_c, rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
@@ -162,12 +168,13 @@ def row_chunked_loss_grads(
         )  # fmt: skip
         if need_db:
             db += du.sum(0, dtype=torch.float32)
-        if need_dx:
+        if need_raw:
             dx_c = dx if whole else dx[r0:r1]
             if dx_final:
                 torch.mm(du, w, out=dx_c)
-            for c0, c1 in spans if not dx_final else ():
-                _accumulate(dx_c, du[:, c0:c1], w[c0:c1], first_chunk=c0 == 0)
+            else:
+                for c0, c1 in spans:
+                    _accumulate(dx_c, du[:, c0:c1], w[c0:c1], first_chunk=c0 == 0)
         if need_dw and direct:
             for c0, c1 in spans:
                 torch.mm(du[:, c0:c1].T, xs, out=dw[c0:c1])
@@ -181,7 +188,10 @@ def row_chunked_loss_grads(
                 dw.mul_(factor)
         else:
             _narrow_in_place(first, rest, dw, factor)
-    return lse, loss_rows, dx, dw, db, dx_final
+    dscale = (dx * x).sum().reshape(1) if need_ds else None  # <dX_raw, X>: formulation's scale gradient
+    if need_dx and not dx_final:
+        dx = (dx * scale).to(x.dtype)
+    return lse, loss_rows, dx if need_dx else None, dw, db, dscale
 
 
 def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
