@@ -287,8 +287,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
-    # filtered: the rows of dropped classes stay zero
-    dw = (torch.zeros_like(w) if filtering or N == 0 else torch.empty_like(w)) if need_dw else None
+    dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if need_dw else None
     db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
     if N == 0:
         return dx, dw, db
@@ -351,7 +350,7 @@ def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
 def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready):
     """The GEMMs of a filtered chunk once its count k of flagged classes is on the host: dense
     above ``FILTER_DENSE_FRACTION``, else over the flagged columns ``order[:k]`` (dW's other
-    rows stay zero). They are gathered as rows of ``dU.T``: both GEMMs then read them with
+    rows zero). They are gathered as rows of ``dU.T``: both GEMMs then read them with
     the leading dimension N, which keeps cuBLAS on its fast 16-bit kernels for any k."""
     if ready is not None:
         ready.synchronize()
@@ -359,6 +358,8 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
     if k > FILTER_DENSE_FRACTION * width:
         _dense_chunk_grads(x, w[c0:c1], du, scale, dx, dw[c0:c1] if dw is not None else None)
         return
+    if dw is not None:  # the dropped classes' rows are zero; dense chunks write every row
+        dw[c0:c1].zero_()
     if k == 0:
         return
     cols = order[:k]
