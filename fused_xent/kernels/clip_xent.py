@@ -22,13 +22,12 @@ largest upstream magnitude, so that fp16 never underflows) in the input dtype; t
 fp32 accumulation turn the strip into its rows of ``dX`` and its contribution to ``dY``.
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from fused_xent.kernels import config
+from fused_xent.kernels.class_chunked import _addmm_fp32, _mm_fp32
 from fused_xent.kernels.tiles import logit_tile
 
 #: Bytes of the ``dz`` strip the backward holds at once. Each strip reads and writes the fp32
@@ -206,41 +205,6 @@ def _backward_blocks(device: torch.device) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
 
 
-@functools.cache
-def _has_addmm_out_dtype() -> bool:
-    """Whether ``torch.addmm(..., out_dtype=)`` accumulates bf16 products into fp32 in place
-    (torch >= 2.8 on CUDA)."""
-    try:
-        a = torch.ones((2, 2), device="cuda", dtype=torch.bfloat16)
-        acc = torch.ones((2, 2), device="cuda", dtype=torch.float32)
-        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool((acc == 3.0).all())
-    except (RuntimeError, TypeError):
-        return False
-
-
-def accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with the products accumulated in ``acc``'s (wider) dtype, in place."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda and _has_addmm_out_dtype():
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-    else:
-        # no in-place mixed-precision GEMM here: one column chunk of products at a time
-        step = max(1, 2**22 // max(1, b.shape[1]))
-        for start in range(0, a.shape[0], step):
-            acc[start : start + step] += (a[start : start + step].to(acc.dtype)) @ b.to(acc.dtype)
-
-
-def mm_wide(a: torch.Tensor, b: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
-    """``a @ b`` with the result (and the accumulation) in ``wide``."""
-    if a.dtype == wide:
-        return a @ b
-    if a.is_cuda:
-        return torch.mm(a, b, out_dtype=wide)
-    return a.to(wide) @ b.to(wide)
-
-
 #: Fewest rows per strip on a GPU: every strip re-reads and re-writes the fp32 ``dY`` (8 B D bytes)
 #: for 2 rows B D flops of its GEMM; at 128-row strips (B = 256k under STRIP_BYTES) that traffic
 #: dominated the backward (H100 sweep in benchmarks/NVIDIA-H100-80GB-HBM3/clip.md).
@@ -282,9 +246,9 @@ def clip_xent_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag, stri
             **config.dot_options(x.dtype), **blocks,
         )  # fmt: skip
         x_rows = x[row0 : row0 + n_rows]
-        dx_raw = mm_wide(g, y, torch.float32)  # (n_rows, D), still divided by unit
+        dx_raw = _mm_fp32(g, y)  # (n_rows, D), still divided by unit
         dscale += (dx_raw * x_rows).sum()
         dx[row0 : row0 + n_rows] = dx_raw * factor
-        accumulate_mm(dy_acc, g.T, x_rows)
+        _addmm_fp32(dy_acc, g.T, x_rows)
     del strip, g  # before dY is cast: the peak stays at dX + fp32 dY + one strip
     return dx, dy_acc.mul_(factor).to(y.dtype), (dscale * unit).reshape(1)
