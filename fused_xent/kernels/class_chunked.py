@@ -172,6 +172,16 @@ def _addmm_fp32(acc, a, b):
         acc.addmm_(a.float(), b.float())
 
 
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first_chunk: bool) -> None:
+    """``acc = a @ b`` on the first chunk, ``acc += a @ b`` after, accumulated in fp32."""
+    if acc.numel() == 0:
+        return
+    if first_chunk:
+        _mm_fp32(a, b, out=acc)
+    else:
+        _addmm_fp32(acc, a, b)
+
+
 def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 

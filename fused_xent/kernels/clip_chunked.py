@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from fused_xent.kernels import config
-from fused_xent.kernels.class_chunked import _addmm_fp32, _chunk_dtype, _chunk_ranges, _mm_fp32, _raw_products
+from fused_xent.kernels.class_chunked import _accumulate, _chunk_dtype, _chunk_ranges, _raw_products
 
 #: Bytes of the backward's tile of logits (TILE_ROWS x cc). Beside it the backward holds dY,
 #: the fp32 dX accumulator (6 B D bytes for bf16) and the chunk's fp32 dY accumulator; dX is
@@ -302,14 +302,9 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
                 n_rows, r0, width, c0, cols_per_program,
                 EVEN=n_rows % block_n == 0 and width % block_c == 0, **blocks,
             )  # fmt: skip
-            if r0 == 0:
-                _mm_fp32(dz.T, x[:n_rows], out=dy_acc[:width])
-            else:
-                _addmm_fp32(dy_acc[:width], dz.T, x[r0 : r0 + n_rows])
-            if c0 == 0:  # the first chunk sets the accumulator: no zero-fill pass over it
-                _mm_fp32(dz, y[c0:c1], out=dx_acc[r0 : r0 + n_rows])
-            else:
-                _addmm_fp32(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1])
+            _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
+            # the first chunk sets the accumulator: no zero-fill pass over it
+            _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
         # one rounding to y's dtype, after the fp16 factor
         _finish(dy_acc[:width], post, dy[c0:c1])
     del buf, raw, dz, dy_acc  # before dX exists: the peak stays at dY + fp32 dX + one tile

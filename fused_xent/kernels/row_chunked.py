@@ -25,11 +25,10 @@ import triton
 
 from fused_xent.formulation import RowTargets, XentOptions
 from fused_xent.kernels.class_chunked import (
-    _addmm_fp32,
+    _accumulate,
     _chunk_dtype,
     _chunk_ranges,
     _kernel_args,
-    _mm_fp32,
     _raw_products,
     chunk_grad_kernel,
 )
@@ -197,13 +196,3 @@ def row_chunked_loss_grads(
 def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` split at ``at`` when it falls inside."""
     return [(lo, at), (at, hi)] if lo < at < hi else [(lo, hi)]
-
-
-def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, first_chunk: bool) -> None:
-    """``acc = a @ b`` on the first chunk, ``acc += a @ b`` after, accumulated in fp32."""
-    if acc.numel() == 0:
-        return
-    if first_chunk:
-        _mm_fp32(a, b, out=acc)
-    else:
-        _addmm_fp32(acc, a, b)
