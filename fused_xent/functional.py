@@ -52,10 +52,11 @@ def _class_chunked_backend() -> Backend:
 
 
 def _filtered_backend() -> Backend:
-    from fused_xent.kernels.class_chunked import class_chunked_backward_filtered, class_chunked_forward
+    from fused_xent.kernels.class_chunked import class_chunked_backward_filtered, class_chunked_forward_bounded
     from fused_xent.kernels.linear_xent_forward import linear_xent_forward
 
-    return Backend("filtered", class_chunked_forward, class_chunked_backward_filtered, linear_xent_forward)
+    # the forward also returns a per-class bound that lets the backward skip classes unseen
+    return Backend("filtered", class_chunked_forward_bounded, class_chunked_backward_filtered, linear_xent_forward)
 
 
 #: Every backend ``_choose`` can return, by name: the custom ops below receive the name.
@@ -100,16 +101,27 @@ def _forward_impl(
     softcap: float | None,
     backend: str,
     need_grad: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``backend.forward`` on flat arguments (its ``forward_only`` when no backward follows):
-    ``(lse, lin)``, each (N,) in the compute dtype."""
+    ``(lse, lin, aux)``, lse and lin (N,) in the compute dtype; ``aux`` what the backend's
+    forward hands its backward besides lse (filtered's per-class bound, ``_aux_size``), else
+    empty."""
+    aux = x.new_empty((0,), dtype=torch.float32)
     if x.shape[0] == 0:
-        return _rows_like(x), _rows_like(x)
+        return _rows_like(x), _rows_like(x), aux
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
-        return forward(x, w, b, scale, rt, opts)
+        lse, lin, *rest = forward(x, w, b, scale, rt, opts)
+    return lse, lin, rest[0] if rest else aux
+
+
+def _aux_size(x, w, targets, backend: str, need_grad: bool) -> int:
+    """The length of ``_forward_impl``'s ``aux``: filtered's training forward bounds every
+    class unless the targets are dense."""
+    dense = targets[_TARGET_FIELDS.index("dense")] is not None
+    return w.shape[0] if backend == "filtered" and need_grad and x.shape[0] and not dense else 0
 
 
 _forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forward_impl, mutates_args=())
@@ -117,7 +129,8 @@ _forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forwar
 
 @_forward_op.register_fake
 def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
-    return _rows_like(x), _rows_like(x)
+    aux = x.new_empty((_aux_size(x, w, targets, backend, need_grad),), dtype=torch.float32)
+    return _rows_like(x), _rows_like(x), aux
 
 
 def _backward_impl(
@@ -127,6 +140,7 @@ def _backward_impl(
     scale: torch.Tensor,
     lse: torch.Tensor,
     cp: torch.Tensor,
+    aux: torch.Tensor,
     targets: list[torch.Tensor | None],
     num_classes: int,
     label_smoothing: float,
@@ -137,11 +151,12 @@ def _backward_impl(
     need_dw: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``backend.backward`` on flat arguments: ``(dx_raw, dw, db)`` in the compute dtype,
-    an empty tensor for each one not needed."""
+    """``backend.backward`` on flat arguments (``aux`` from the forward): ``(dx_raw, dw, db)``
+    in the compute dtype, an empty tensor for each one not needed."""
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    extra = {"log_p_max": aux} if aux.numel() else {}
     with torch.autocast(x.device.type, enabled=False):
-        grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db)
+        grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db, **extra)
     return tuple(g if g is not None else x.new_empty((0,), dtype=reference.compute_dtype(x.dtype)) for g in grads)
 
 
@@ -150,8 +165,9 @@ _backward_op = torch.library.custom_op("fused_xent::linear_xent_backward", _back
 
 @_backward_op.register_fake
 def _(
-    x, w, b, scale, lse, cp, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_dx, need_dw, need_db
-):
+    x, w, b, scale, lse, cp, aux, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_dx, need_dw,
+    need_db,
+):  # fmt: skip
     (N, D), C = x.shape, w.shape[0]
 
     def out(needed: bool, *shape: int) -> torch.Tensor:
@@ -162,22 +178,22 @@ def _(
 
 def _setup_forward(ctx, inputs, output):
     x, w, b, scale, targets, *options, backend, _ = inputs
-    ctx.save_for_backward(x, w, b, scale, output[0], *targets)
+    ctx.save_for_backward(x, w, b, scale, output[0], output[2], *targets)
     ctx.options, ctx.backend = options, backend
 
 
-def _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_op):
+def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
     loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
-    x, w, b, scale, lse, *targets = ctx.saved_tensors
+    x, w, b, scale, lse, aux, *targets = ctx.saved_tensors
     need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
     rt_g = RowTargets(*targets).scaled(-g_lin)
     dx_raw, dw, db = backward(
-        x, w, b, scale, lse, g_lse.contiguous(), _targets_args(rt_g), *ctx.options, ctx.backend,
+        x, w, b, scale, lse, g_lse.contiguous(), aux, _targets_args(rt_g), *ctx.options, ctx.backend,
         need_x or need_s, need_w, need_b,
     )  # fmt: skip
-    dx = (dx_raw * scale).to(x.dtype) if need_x else None
     dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
+    dx = dx_raw.mul_(scale).to(x.dtype) if need_x else None  # in place: no second fp32 N x D buffer
     dw = dw.to(w.dtype) if need_w else None
     db = db.to(b.dtype) if need_b else None
     return dx, dw, db, dscale, *[None] * 7  # targets, options, backend, need_grad
@@ -196,10 +212,11 @@ class _EagerLinearXent(torch.autograd.Function):
         inputs = (x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad)
         output = _forward_impl(*inputs)
         _setup_forward(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[2])
         return output
 
     @staticmethod
-    def backward(ctx, g_lse, g_lin):
+    def backward(ctx, g_lse, g_lin, _g_aux):
         return _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_impl)
 
 
@@ -308,8 +325,8 @@ def _reduce(rows: torch.Tensor, rt: RowTargets, reduction: str) -> torch.Tensor:
 def _linear_xent_rows(*args):
     """``(lse, lin)`` per row through the custom op while compiling, directly otherwise."""
     if torch.compiler.is_compiling():
-        return _forward_op(*args)
-    return _EagerLinearXent.apply(*args)
+        return _forward_op(*args)[:2]
+    return _EagerLinearXent.apply(*args)[:2]
 
 
 def linear_cross_entropy(

@@ -205,7 +205,8 @@ def test_custom_ops_pass_opcheck(need):
     fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, "chunked", True)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, fwd_args)
     lse = torch.logsumexp(x @ w.detach().T + b.detach(), -1).detach()
-    bwd_args = (x.detach(), w.detach(), b.detach(), s.detach(), lse, torch.rand(5), targets, 9, 0.1, 0.0, None)
+    aux = torch.empty(0)
+    bwd_args = (x.detach(), w.detach(), b.detach(), s.detach(), lse, torch.rand(5), aux, targets, 9, 0.1, 0.0, None)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", True, True, True))
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", False, True, False))
     needs = [t.requires_grad for t in (x, w, b, s)]

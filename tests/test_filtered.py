@@ -146,15 +146,21 @@ def reference_grads(x, w, b, y, scale, reduction, label_smoothing):
     return dz, torch.where(keep, (z.detach().softmax(-1) - t).abs(), 0.0)
 
 
-def check_against_reference(x, w, b, y, s, eps, reduction, label_smoothing=0.0):
+def check_against_reference(x, w, b, y, s, eps, reduction, label_smoothing=0.0, grads="xwbs"):
     """Filtered vs float64: the classes dropped (dW rows exactly zero) are exactly those with
-    ``|p - t| < eps`` on every row, and every gradient matches the float64 one with the dropped
+    ``|p - t| < eps`` on every row (with db: the recomputing backward; without, the bounded
+    one drops a subset of them), and every gradient matches the float64 one with the dropped
     classes' dL/dz zeroed (db, the loss: unfiltered, lean's bitwise). Returns ``dropped``."""
-    loss, got = run("filtered", x, w, b, y, scale=s, reduction=reduction, label_smoothing=label_smoothing)
-    lean_loss, lean = run("lean", x, w, b, y, scale=s, reduction=reduction, label_smoothing=label_smoothing)
+    opts = dict(scale=s, reduction=reduction, label_smoothing=label_smoothing, grads=grads)
+    loss, got = run("filtered", x, w, b, y, **opts)
+    lean_loss, lean = run("lean", x, w, b, y, **opts)
     dz, p_minus_t = reference_grads(x, w, b, y, s, reduction, label_smoothing)
     dropped = dropped_classes(got["w"])
-    assert torch.equal(dropped, (p_minus_t < eps).all(dim=0))
+    insignificant = (p_minus_t < eps).all(dim=0)
+    if "b" in grads:
+        assert torch.equal(dropped, insignificant)
+    else:
+        assert not (dropped & ~insignificant).any()
 
     x64, w64 = x.double(), w.double()
     dz_kept = dz * (~dropped).double()
@@ -164,13 +170,15 @@ def check_against_reference(x, w, b, y, s, eps, reduction, label_smoothing=0.0):
         "b": dz.sum(0),
         "s": (dz_kept * (x64 @ w64.T)).sum(),
     }
-    opts = dict(reduction=reduction, label_smoothing=label_smoothing)
+    opts = dict(reduction=reduction, label_smoothing=label_smoothing, grads=grads)
     _, low = run(torch_impl, x, w, b, y, scale=s, **opts)
     _, exact = run(torch_impl, x64, w64, b.double(), y, scale=s.double(), **opts)
     for name, g in got.items():
         bound = 2 * rel_err(low[name], exact[name]) + 2e-6 if x.dtype != torch.float32 else 2e-5
         assert rel_err(g, want[name]) <= bound, (name, rel_err(g, want[name]), bound)
-    assert torch.equal(got["b"], lean["b"]) and torch.equal(loss, lean_loss)
+    assert torch.equal(loss, lean_loss)
+    if "b" in grads:
+        assert torch.equal(got["b"], lean["b"])
     return dropped
 
 
@@ -217,10 +225,67 @@ def test_threshold_is_relative_to_the_row_coefficient(dtype):
 def test_each_gradient_alone_and_reproducible(dtype):
     x, w, b, y = peaked_problem(dtype)
     opts = dict(label_smoothing=SMOOTHING[dtype], scale=torch.tensor(1.25, dtype=dtype))
-    _, both = run("filtered", x, w, b, y, **opts)
+    _, with_db = run("filtered", x, w, b, y, **opts)  # db: the recomputing backward
     _, again = run("filtered", x, w, b, y, **opts)
+    for name, g in with_db.items():
+        assert torch.equal(g, again[name]), name
+    _, both = run("filtered", x, w, b, y, grads="xws", **opts)  # no db: the bounded backward
+    _, again = run("filtered", x, w, b, y, grads="xws", **opts)
     _, only_w = run("filtered", x, w, b, y, grads="w", **opts)
     _, only_x = run("filtered", x, w, b, y, grads="x", **opts)
     for name, g in both.items():
         assert torch.equal(g, again[name]), name
     assert torch.equal(only_w["w"], both["w"]) and torch.equal(only_x["x"], both["x"])
+
+
+@pytest.fixture
+def pieces_log(monkeypatch):
+    """The recompute GEMMs' widths of a bounded backward, ``(width, gathered)`` each."""
+    log = []
+    pieces = class_chunked._bounded_pieces
+
+    def spy(*args):
+        out = pieces(*args)
+        log.extend((k1 - k0, idx is not None) for k0, k1, idx in out)
+        return out
+
+    monkeypatch.setattr(class_chunked, "_bounded_pieces", spy)
+    return log
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bounded_backward_on_peaked_logits(dtype, pieces_log, chunk_log):
+    """Without a bias gradient the forward's per-class bound decides: the classes it drops
+    are insignificant on every row, recomputing none of them (classes [256, 300), bias -40),
+    and the kept ones get exact gradients."""
+    x, w, b, y = peaked_problem(dtype)
+    eps = torch.finfo(dtype).eps / 32
+    dropped = check_against_reference(x, w, b, y, torch.tensor(1.25, dtype=dtype), eps, "mean", SMOOTHING[dtype], "xws")
+    assert dropped[256:].all() and not dropped[:256].any()
+    assert sum(width for width, _ in pieces_log) == 256  # the two forward chunks kept whole, once
+    assert not chunk_log  # the recomputing backward did not run
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_bounded_backward_gathers_kept_classes(monkeypatch, pieces_log, reduction):
+    """At eps = 1/16 on random logits the bound drops some classes of every chunk but the
+    first: those kept are gathered into one dense chunk, and nothing else is recomputed."""
+    eps = 2.0**-4
+    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(torch.float32).eps)
+    x, w, b, y, _ = random_problem(torch.float32)
+    dropped = check_against_reference(x, w, b, y, torch.tensor(3.0), eps, reduction, grads="xws")
+    assert dropped[128:].any() and not dropped[:128].any()
+    gathered = [width for width, g in pieces_log if g]
+    assert gathered and sum(width for width, _ in pieces_log) == int((~dropped).sum())
+
+
+def test_bounded_backward_smoothing_above_threshold_keeps_all(pieces_log):
+    """Smoothing mass above the threshold on every class: nothing can be dropped, and the
+    exact backward runs (lean's gradients bitwise)."""
+    x, w, b, y, _ = random_problem(torch.bfloat16)
+    opts = dict(label_smoothing=0.5, grads="xw")
+    _, got = run("filtered", x, w, b, y, **opts)
+    _, lean = run("lean", x, w, b, y, **opts)
+    assert not pieces_log
+    for name, g in got.items():
+        assert torch.equal(g, lean[name]), name

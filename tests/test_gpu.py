@@ -97,3 +97,47 @@ def test_out_of_range_target_raises_on_a_later_call():
     with pytest.raises(ValueError, match="target contains 100"):
         linear_cross_entropy(x, w, y.clamp(0, 99))
     linear_cross_entropy(x, w, y.clamp(0, 99))  # reported once
+
+
+def test_filtered_bounded_at_gemma2_size():
+    """impl="filtered" without a bias gradient skips classes from the forward's bound: at the
+    Gemma 2 head on random logits it drops most classes, each of them below the threshold on
+    every row (p from fp32 logits; 5 % for bf16's rounding of the logits), the loss stays
+    exact, and its gradients are no further from fp32 than the recomputing filter's (the
+    one taken with a bias gradient), which drops classes by the exact per-row rule."""
+    N, D, C = SIZES["gemma2"]
+    x, w, _, y = _problem(N, D, C, torch.bfloat16, seed=11)
+    eps = torch.finfo(torch.bfloat16).eps / 32
+    zero_b = torch.zeros(C, device="cuda", dtype=torch.bfloat16)
+
+    def run(impl, bias_grad):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        b = zero_b.clone().requires_grad_(bias_grad)
+        loss = linear_cross_entropy(*leaves, y, linear_bias=b, impl=impl)
+        loss.backward()
+        return loss.detach().float(), leaves[0].grad.float(), leaves[1].grad.float()
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = _grads(lambda xx, ww, bb: F.cross_entropy(F.linear(xx, ww).float(), y), x, w, zero_b, torch.float32)
+        p_max = torch.zeros(C, device="cuda")
+        for r0 in range(0, N, 1024):  # max over kept rows of p = softmax(fp32 logits), by row blocks
+            z = x[r0 : r0 + 1024].float() @ w.float().T
+            p = torch.softmax(z, dim=1)[y[r0 : r0 + 1024] != -100]
+            p_max = torch.maximum(p_max, p.amax(0))
+            del z, p
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    bounded = run("filtered", False)
+    recomputed = run("filtered", True)
+    lean = run("lean", False)
+    dropped = (bounded[2] == 0).all(dim=1)
+    assert dropped.float().mean() > 0.5, dropped.float().mean()
+    labels = torch.zeros(C, device="cuda", dtype=torch.bool)
+    labels[y[y != -100]] = True
+    assert not (dropped & labels).any()
+    assert (p_max[dropped] < 1.05 * eps).all(), p_max[dropped].max()
+    assert rel_err(bounded[0], lean[0]) < 1e-6
+    for got, alt, r in zip(bounded[1:], recomputed[1:], ref[1:3], strict=True):
+        assert rel_err(got, r) <= 1.01 * rel_err(alt, r), (rel_err(got, r), rel_err(alt, r))

@@ -46,19 +46,27 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 @triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L,
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB, ColMax,
     N, Cc, c0, stride_tn, stride_tc, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Fold z of one chunk into the running row stats (m, s, lin)."""
+    """Fold z of one chunk into the running row stats (m, s, lin).
+
+    With ``BOUND`` it also records what the filtered backward needs to skip classes without
+    recomputing them: each row's lse over the chunks before this one, ``LB[i] = m + log(s)``
+    on entry, and for each class of the chunk ``ColMax[j] = max_i (z_ij - LB[i])`` (fp32,
+    filled with -inf by the caller; NaN counts as +inf)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
     m = tl.load(M + rows, mask=row_mask, other=0.0)
     s = tl.load(S + rows, mask=row_mask, other=0.0)
     lin = tl.load(L + rows, mask=row_mask, other=0.0)
+    if BOUND:
+        lse_before = m + tl.log(s)
+        tl.store(LB + rows, lse_before, mask=row_mask)
     for j0 in range(0, Cc, BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
@@ -69,6 +77,11 @@ def chunk_stats_kernel(
         if NEED_LIN:
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+        if BOUND:  # a maximum is order-free; a stale read of ColMax only costs a redundant atomic
+            v = tl.where(row_mask[:, None] & col_mask[None, :], z - lse_before[:, None], float("-inf"))
+            v = tl.max(tl.where(v != v, float("inf"), v), axis=0)
+            seen = tl.load(ColMax + cols, mask=col_mask, other=float("inf"))
+            tl.atomic_max(ColMax + cols, v, mask=col_mask & (v > seen), sem="relaxed")
         m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
@@ -78,10 +91,10 @@ def chunk_stats_kernel(
 @triton.jit
 def chunk_grad_kernel(
     R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db, Keep,
-    ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
+    Cols, ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
-    WITH_STATS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
     ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
@@ -95,7 +108,9 @@ def chunk_grad_kernel(
     row block): a first pass gives each row's ``LSE`` and its loss ``ROWS`` (formulation's
     row_loss), then the upstream gradient ``G`` (one value: the mean's 1 / denominator or the
     sum's 1) on the rows row_loss keeps makes ``cp`` and weights the targets: the forward and
-    the gradient of a reduced loss in one launch."""
+    the gradient of a reduced loss in one launch.
+
+    With ``GATHERED`` column ``j`` of R is class ``Cols[j]`` (int64) instead of ``c0 + j``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -126,7 +141,10 @@ def chunk_grad_kernel(
     for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
-        cols = c0 + local
+        if GATHERED:
+            cols = tl.load(Cols + local, mask=col_mask, other=0)
+        else:
+            cols = c0 + local
         mask = row_mask[:, None] & col_mask[None, :]
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
@@ -188,13 +206,16 @@ def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None):
     """The logit-chunk buffer (N, Cc) within ``nbytes`` (default ``CHUNK_BYTES``), Cc a
-    multiple of 128."""
-    N = x.shape[0]
-    dtype = _chunk_dtype(x.dtype)
-    cols = max(128, ((nbytes or CHUNK_BYTES) // (dtype.itemsize * max(N, 1))) // 128 * 128)
+    multiple of 128 (or C)."""
+    return torch.empty((x.shape[0], _chunk_cols(x, C, nbytes)), device=x.device, dtype=_chunk_dtype(x.dtype))
+
+
+def _chunk_cols(x: torch.Tensor, C: int, nbytes: int | None = None) -> int:
+    """The width of ``_chunk``'s buffer."""
+    cols = max(128, ((nbytes or CHUNK_BYTES) // (_chunk_dtype(x.dtype).itemsize * max(x.shape[0], 1))) // 128 * 128)
     if nbytes is None:  # narrower chunks make the fp32 dX read-modify-write cost as much as the GEMM
         cols = max(cols, MIN_CHUNK_COLS)
-    return torch.empty((N, min(C, cols)), device=x.device, dtype=dtype)
+    return min(C, cols)
 
 
 def _chunk_ranges(C: int, cc: int) -> list[tuple[int, int]]:
@@ -220,25 +241,56 @@ def _kernel_args(b, rt, opts):
 
 def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk_bytes: int | None = None):
     """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy."""
+    return _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound=False)[:2]
+
+
+def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
+    """The filtered backend's forward: ``(lse, lin, log_p_max)``, the last an upper bound
+    per class on ``log p_ij`` over every row, from which the filtered backward skips
+    classes without recomputing their logits (empty for dense targets: no bound is needed
+    to skip them, the backward flags classes as it recomputes them).
+
+    Chunk ``k``'s classes get ``max_i (z_ij - lse_k,i) - min_i (lse_i - lse_k,i)`` with
+    ``lse_k,i`` row i's lse over the chunks before k: since ``lse_i >= lse_k,i`` the bound
+    holds for every row. The first chunk has nothing before it: ``+inf``, always kept."""
+    return _forward(x, w, b, scale, rt, opts, True, None, bound=rt.dense is None)
+
+
+def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     N, C = x.shape[0], w.shape[0]
     m = torch.full((N,), float("-inf"), device=x.device)
     s = torch.zeros(N, device=x.device)
     lin = torch.zeros(N, device=x.device)
+    none = torch.empty(0, device=x.device)
     if N == 0:
-        return m, lin
+        return m, lin, none
     buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
+    ranges = _chunk_ranges(C, cc)
+    if bound:
+        col_max = torch.full((C,), float("-inf"), device=x.device)
+        col_max[: ranges[0][1]] = float("inf")
+        lse_before = torch.empty((len(ranges), N), device=x.device)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     block_n = 16
-    for c0, c1 in _chunk_ranges(C, cc):
+    for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
-            N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, NEED_LIN=need_lin,
+            lse_before[k] if bound else m, col_max if bound else m, N, c1 - c0, c0, *t_strides,
+            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
-    return m + torch.log(s), lin
+    lse = m + torch.log(s)
+    if not bound:
+        return lse, lin, none
+    lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
+    gain = (lse - lse_before).amin(1)
+    chunk_of = torch.arange(C, device=x.device) // cc
+    if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
+        chunk_of[C - C % 8 :] = len(ranges) - 1
+    return lse, lin, col_max - gain[chunk_of]
 
 
 #: Chunk memory of a forward that needs no gradient (evaluation): small, the GEMMs stay large.
@@ -271,9 +323,13 @@ FILTER_EPS_FACTOR = 1 / 32
 FILTER_DENSE_FRACTION = 0.5
 
 
-def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
+def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, log_p_max=None):
     """The class-chunked backward, skipping classes whose logit gradient stays below the
     dtype's resolution on every row (``impl="filtered"``; opt-in, not exact).
+
+    With the forward's bound ``log_p_max`` (see ``class_chunked_forward_bounded``) and no
+    ``db`` to compute, the classes to keep are known before any logit is recomputed:
+    ``_backward_bounded`` recomputes and differentiates those classes only. Otherwise:
 
     The grad kernel flags class j of a chunk when some row has
     ``|dU_ij| >= eps * |cp_i|``, ``eps = finfo(x.dtype).eps * FILTER_EPS_FACTOR``. Flagged
@@ -288,7 +344,86 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
     GEMMs and gathers have fixed orders.
     """
     eps = torch.finfo(x.dtype).eps * FILTER_EPS_FACTOR
+    if log_p_max is not None and log_p_max.numel() and not need_db and (need_dx or need_dw) and x.shape[0]:
+        return _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log_p_max, eps)
     return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=eps)
+
+
+def kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool) -> torch.Tensor:
+    """(C,) bool: the classes the bounded filter keeps.
+
+    ``|dU_ij| = |cp_i| |p_ij - t_ij|`` (the kernels' ``tt / cp`` is the target ``t``; see
+    FILTER_EPS_FACTOR) stays below ``eps |cp_i|`` when ``p_ij + t_ij < eps``. Outside the
+    labels ``t_ij = a_j e_i / cp_i`` (smoothing, class weight ``a``), at most ``t_max``; a
+    row with ``cp_i = 0`` but a target keeps every class. The labels are always kept (also
+    those of ignored rows: harmless)."""
+    t_max = 0.0
+    if smoothing:
+        a_max = rt_g.class_weight.abs().max() if rt_g.class_weight is not None else 1.0
+        ratio = torch.where(rt_g.e == 0, 0.0, rt_g.e.abs() / cp.abs())  # e != 0 = cp: inf, all kept
+        t_max = ratio.max() * a_max
+    # the bound comes from the forward's rounded logits, as the recomputing filter's p from
+    # the backward's: no margin beyond that rounding
+    keep = ~(torch.exp(log_p_max) + t_max < eps)  # NaN keeps
+    for y in (rt_g.y1, rt_g.y2):
+        if y is not None:
+            keep.index_fill_(0, y, True)
+    return keep
+
+
+def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log_p_max, eps):
+    """The filtered backward over the kept classes only: the recompute, dW and dX GEMMs all
+    shrink to the kept fraction (no db: the caller falls back to ``_backward`` when the bias
+    needs a gradient). A forward chunk with more than ``FILTER_DENSE_FRACTION`` of its
+    classes kept runs whole; the kept classes of the others are gathered into dense chunks.
+    One host sync, for the counts. Every kept class gets the exact gradient."""
+    N, D = x.shape
+    C = w.shape[0]
+    keep = kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
+    ranges = _chunk_ranges(C, _chunk_cols(x, C))  # the forward's chunks
+    ends = torch.tensor([c1 for _, c1 in ranges], device=x.device)
+    counts = torch.diff(keep.cumsum(0)[ends - 1], prepend=ends.new_zeros(1)).tolist()
+    whole, gathered = [], 0
+    for (c0, c1), k in zip(ranges, counts, strict=True):
+        if k > FILTER_DENSE_FRACTION * (c1 - c0):
+            whole.append((c0, c1))
+            keep[c0:c1] = False  # left: the kept classes to gather
+        else:
+            gathered += k
+    if len(whole) == len(ranges):
+        return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, False, filter_eps=None)
+    cols = keep.nonzero().squeeze(1) if gathered else None
+    dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
+    dw = torch.zeros_like(w) if need_dw else None
+    buf = _chunk(x, C, CHUNK_BYTES // 2)  # half: the gathered W rows and their dW come on top
+    cc = buf.shape[1]
+    pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
+    for k0, k1, idx in _bounded_pieces(whole, cols, cc):
+        width = k1 - k0
+        w_k = w[k0:k1] if idx is None else w.index_select(0, idx)
+        raw = buf[:, :width]
+        _raw_products(x, w_k, raw)
+        if buf.dtype == x.dtype:
+            du = raw
+        else:  # fp16 dU over fp32 R, as in _backward
+            du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
+        col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
+        cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
+        chunk_grad_kernel[(triton.cdiv(N, 16), col_split)](
+            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
+            lse, 0, lse, idx if idx is not None else lse, lse, lse, lse, lse, N, width,
+            k0 if idx is None else 0, cols_per_program, *t_strides, opts.softcap or 1.0, 0.0,
+            COMPUTE_DB=False, FILTER=False, WITH_STATS=False, GATHERED=idx is not None,
+            **flags, BLOCK_N=16, BLOCK_C=256, num_warps=8,
+        )  # fmt: skip
+        if idx is None:
+            _dense_chunk_grads(x, w_k, du, scale, dx, dw[k0:k1] if need_dw else None)
+            continue
+        if need_dw:  # index_put_ (unique rows) has a deterministic CUDA path
+            dw.index_put_((idx,), (_mm_fp32(du.T, x) * scale).to(dw.dtype))
+        if need_dx:
+            _addmm_fp32(dx, du, w_k)
+    return dx, dw, None
 
 
 def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps: float | None):
@@ -326,9 +461,9 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
             keep.zero_()
         chunk_grad_kernel[(triton.cdiv(N, block_n), col_split)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            db_part if need_db else lse, cc, keep if filtering else lse, lse, lse, lse, lse, N, width, c0,
+            db_part if need_db else lse, cc, keep if filtering else lse, lse, lse, lse, lse, lse, N, width, c0,
             cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
-            COMPUTE_DB=need_db, FILTER=filtering, WITH_STATS=False,
+            COMPUTE_DB=need_db, FILTER=filtering, WITH_STATS=False, GATHERED=False,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
         if need_db:
@@ -347,6 +482,16 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     if pending is not None:
         _finish_filtered(x, w, scale, dx, dw, counts, *pending)
     return dx, dw, db
+
+
+def _bounded_pieces(whole, cols, cc: int) -> list[tuple[int, int, torch.Tensor | None]]:
+    """The bounded backward's chunks of at most ``cc`` classes: ``(k0, k1, None)`` for
+    classes ``[k0, k1)`` of the ranges kept ``whole``, then ``(k0, k1, cols[k0:k1])`` for
+    the gathered classes ``cols``."""
+    pieces = [(c0, min(c0 + cc, c1), None) for r0, c1 in whole for c0 in range(r0, c1, cc)]
+    if cols is not None:
+        pieces += [(k0, min(k0 + cc, cols.numel()), cols[k0 : k0 + cc]) for k0 in range(0, cols.numel(), cc)]
+    return pieces
 
 
 def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
