@@ -46,7 +46,7 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 @triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB, ColMax,
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB, ColPart, stride_p,
     N, Cc, c0, stride_tn, stride_tc, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
@@ -56,8 +56,10 @@ def chunk_stats_kernel(
 
     With ``BOUND`` it also records what the filtered backward needs to skip classes without
     recomputing them: each row's lse over the chunks before this one, ``LB[i] = m + log(s)``
-    on entry, and for each class of the chunk ``ColMax[j] = max_i (z_ij - LB[i])`` (fp32,
-    filled with -inf by the caller; NaN counts as +inf)."""
+    on entry, and for each class of the chunk the program's ``max_i (z_ij - LB[i])`` over
+    its rows in row ``program_id`` of ``ColPart`` (NaN counts as +inf), for the caller's
+    maximum over programs (atomics from every row block cost more than the GEMM at 1M
+    classes)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -77,11 +79,10 @@ def chunk_stats_kernel(
         if NEED_LIN:
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-        if BOUND:  # a maximum is order-free; a stale read of ColMax only costs a redundant atomic
+        if BOUND:
             v = tl.where(row_mask[:, None] & col_mask[None, :], z - lse_before[:, None], float("-inf"))
             v = tl.max(tl.where(v != v, float("inf"), v), axis=0)
-            seen = tl.load(ColMax + cols, mask=col_mask, other=float("inf"))
-            tl.atomic_max(ColMax + cols, v, mask=col_mask & (v > seen), sem="relaxed")
+            tl.store(ColPart + tl.program_id(0) * stride_p + local, v, mask=col_mask)
         m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
@@ -267,21 +268,24 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
-    if bound:
-        col_max = torch.full((C,), float("-inf"), device=x.device)
-        col_max[: ranges[0][1]] = float("inf")
-        lse_before = torch.empty((len(ranges), N), device=x.device)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     block_n = 16
+    if bound:
+        col_max = torch.empty((C,), device=x.device)
+        col_max[: ranges[0][1]] = float("inf")
+        lse_before = torch.empty((len(ranges), N), device=x.device)
+        part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device)
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
-            lse_before[k] if bound else m, col_max if bound else m, N, c1 - c0, c0, *t_strides,
+            lse_before[k] if bound else m, part if bound else m, cc, N, c1 - c0, c0, *t_strides,
             opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
+        if bound and k > 0:
+            torch.amax(part[:, : c1 - c0], dim=0, out=col_max[c0:c1])
     lse = m + torch.log(s)
     if not bound:
         return lse, lin, none
