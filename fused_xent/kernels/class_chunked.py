@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fused_xent.kernels.config import target_programs
 from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args, target_tile
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
@@ -46,7 +47,7 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 @triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB, ColPart, stride_p,
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB,
     N, Cc, c0, stride_tn, stride_tc, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
     HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
@@ -54,12 +55,8 @@ def chunk_stats_kernel(
 ):  # fmt: skip
     """Fold z of one chunk into the running row stats (m, s, lin).
 
-    With ``BOUND`` it also records what the filtered backward needs to skip classes without
-    recomputing them: each row's lse over the chunks before this one, ``LB[i] = m + log(s)``
-    on entry, and for each class of the chunk the program's ``max_i (z_ij - LB[i])`` over
-    its rows in row ``program_id`` of ``ColPart`` (NaN counts as +inf), for the caller's
-    maximum over programs (atomics from every row block cost more than the GEMM at 1M
-    classes)."""
+    With ``BOUND`` it also stores each row's lse over the chunks before this one,
+    ``LB[i] = m + log(s)`` on entry, for ``chunk_col_max_kernel``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -79,14 +76,38 @@ def chunk_stats_kernel(
         if NEED_LIN:
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-        if BOUND:
-            v = tl.where(row_mask[:, None] & col_mask[None, :], z - lse_before[:, None], float("-inf"))
-            v = tl.max(tl.where(v != v, float("inf"), v), axis=0)
-            tl.store(ColPart + tl.program_id(0) * stride_p + local, v, mask=col_mask)
         m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
     tl.store(L + rows, lin, mask=row_mask)
+
+
+@triton.jit
+def chunk_col_max_kernel(
+    R, stride_rn, Bias, Scale, LB, ColMax, N, Cc, c0, rows_per_program, softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    """``ColMax[c0 + j] = max(ColMax[c0 + j], max_i (z_ij - LB[i]))`` over rows
+    ``[program_id(1) * rows_per_program, ...)`` of one chunk (NaN counts as +inf).
+
+    Program (j, i) keeps an elementwise maximum over its row tiles and reduces across rows
+    once at the end: the same reduction in every tile of the row-owning stats kernel made it
+    ~5x slower. The programs of one column block meet in an order-free atomic maximum."""
+    local = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = local < Cc
+    cols = c0 + local
+    scale = tl.load(Scale).to(tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
+    r_start = tl.program_id(1).to(tl.int64) * rows_per_program
+    for r0 in range(r_start, tl.minimum(r_start + rows_per_program, N), BLOCK_N):
+        rows = r0 + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        mask = row_mask[:, None] & col_mask[None, :]
+        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        v = z - tl.load(LB + rows, mask=row_mask, other=0.0)[:, None]
+        acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
+    tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -271,21 +292,27 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     block_n = 16
     if bound:
-        col_max = torch.empty((C,), device=x.device)
+        col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
         lse_before = torch.empty((len(ranges), N), device=x.device)
-        part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device)
+        col_blocks = triton.cdiv(cc, 128)
+        splits = max(1, min(triton.cdiv(N, 32), target_programs(x.device) // col_blocks))
+        rows_per_program = triton.cdiv(triton.cdiv(N, splits), 32) * 32
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
-            lse_before[k] if bound else m, part if bound else m, cc, N, c1 - c0, c0, *t_strides,
+            lse_before[k] if bound else m, N, c1 - c0, c0, *t_strides,
             opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0,
             **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
         )  # fmt: skip
         if bound and k > 0:
-            torch.amax(part[:, : c1 - c0], dim=0, out=col_max[c0:c1])
+            chunk_col_max_kernel[(triton.cdiv(c1 - c0, 128), triton.cdiv(N, rows_per_program))](
+                raw, raw.stride(0), b if b is not None else x, scale, lse_before[k], col_max, N, c1 - c0, c0,
+                rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
+                BLOCK_N=32, BLOCK_C=128, num_warps=4,
+            )  # fmt: skip
     lse = m + torch.log(s)
     if not bound:
         return lse, lin, none
