@@ -30,6 +30,10 @@ import triton.language as tl
 from fused_xent.kernels.config import target_programs
 from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args, target_tile
 
+#: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
+STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
+COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, num_warps=4, rows_per_program=None)
+
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
 #: Fewest classes per training chunk: dX += dU @ W[chunk] re-reads fp32 dX (8 N D bytes) per
@@ -290,28 +294,31 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
-    block_n = 16
+    stats_tile = dict(STATS_TILE)
+    block_n = stats_tile["BLOCK_N"]
     if bound:
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
         lse_before = torch.empty((len(ranges), N), device=x.device)
-        col_blocks = triton.cdiv(cc, 128)
-        splits = max(1, min(triton.cdiv(N, 32), target_programs(x.device) // col_blocks))
-        rows_per_program = triton.cdiv(triton.cdiv(N, splits), 32) * 32
+        col_tile = dict(COL_MAX_TILE)
+        rows_per_program = col_tile.pop("rows_per_program")
+        tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
+        if rows_per_program is None:  # a few waves of programs over the column blocks
+            splits = max(1, min(triton.cdiv(N, tile_n), target_programs(x.device) // triton.cdiv(cc, tile_c)))
+            rows_per_program = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         chunk_stats_kernel[(triton.cdiv(N, block_n),)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
             lse_before[k] if bound else m, N, c1 - c0, c0, *t_strides,
-            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0,
-            **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
+            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0, **flags, **stats_tile,
         )  # fmt: skip
         if bound and k > 0:
-            chunk_col_max_kernel[(triton.cdiv(c1 - c0, 128), triton.cdiv(N, rows_per_program))](
+            chunk_col_max_kernel[(triton.cdiv(c1 - c0, tile_c), triton.cdiv(N, rows_per_program))](
                 raw, raw.stride(0), b if b is not None else x, scale, lse_before[k], col_max, N, c1 - c0, c0,
                 rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
-                BLOCK_N=32, BLOCK_C=128, num_warps=4,
+                **col_tile,
             )  # fmt: skip
     lse = m + torch.log(s)
     if not bound:

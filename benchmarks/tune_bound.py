@@ -1,0 +1,46 @@
+"""Launch configurations of the class-chunked forward's kernels (H100): the training forward
+of ``impl="filtered"`` (stats + column-max kernels, the GEMMs unchanged) timed per
+configuration on the bench cases. ``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
+
+import itertools
+import sys
+
+import torch
+from triton.testing import do_bench
+
+from fused_xent.bench import CASES, make_inputs
+from fused_xent.formulation import XentOptions, build_row_targets
+from fused_xent.kernels import class_chunked
+
+STATS = [dict(BLOCK_N=n, BLOCK_C=c, num_warps=w) for n, c, w in [(16, 256, 8), (8, 256, 4), (8, 512, 8), (16, 128, 4)]]
+COL_MAX = [
+    dict(BLOCK_N=n, BLOCK_C=c, num_warps=w, rows_per_program=r)
+    for (n, c, w), r in itertools.product([(32, 128, 4), (64, 128, 8), (32, 256, 8)], [None, 256])
+]
+
+
+def tune(name: str) -> None:
+    case = CASES[name]
+    x, w, y, _ = make_inputs(case, "cuda", torch.bfloat16)
+    x, w = x.detach(), w.detach()
+    opts = XentOptions(num_classes=case["C"])
+    rt = build_row_targets(y, target2=None, lam=None, class_weight=None, ignore_index=-100, opts=opts)
+    scale = torch.ones((), device="cuda")
+    args = (x, w, None, scale, rt, opts)
+    ref = class_chunked.class_chunked_forward_bounded(*args)
+    for stats in STATS:
+        class_chunked.STATS_TILE = stats
+        plain = do_bench(lambda: class_chunked.class_chunked_forward(*args), return_mode="median")
+        print(f"{name} lean forward stats={stats}: {plain:.2f} ms", flush=True)
+    for stats, col in itertools.product(STATS[:2], COL_MAX):
+        class_chunked.STATS_TILE, class_chunked.COL_MAX_TILE = stats, col
+        out = class_chunked.class_chunked_forward_bounded(*args)
+        same = all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+        t = do_bench(lambda: class_chunked.class_chunked_forward_bounded(*args), return_mode="median")
+        print(
+            f"{name} bounded forward stats={stats} col_max={col}: {t:.2f} ms (bitwise as default: {same})", flush=True
+        )
+
+
+for case_name in sys.argv[1:] or ["extreme_1m", "gemma2"]:
+    tune(case_name)
