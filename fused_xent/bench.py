@@ -31,7 +31,7 @@ CASES = {
     "gemma2_peaked": dict(N=8192, D=2304, C=256000, peaked=True, fast_peak_mib=3072),
     "llama3": dict(N=8192, D=4096, C=128256, fast_peak_mib=2600),
     "extreme_1m": dict(N=4096, D=512, C=1_000_000, compile=False, fast_peak_mib=2600),
-    "vit21k": dict(N=4096, D=768, C=21841, bias=True, ls=0.1),
+    "vit21k": dict(N=4096, D=768, C=21841, bias=True, ls=0.1, fast_peak_mib=128),
     "cpu_small": dict(N=256, D=64, C=1000, bias=True, ls=0.1),
 }
 
