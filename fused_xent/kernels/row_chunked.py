@@ -189,7 +189,7 @@ def row_chunked_loss_grads(
             _narrow_in_place(first, rest, dw, factor)
     dscale = (dx * x).sum().reshape(1) if need_ds else None  # <dX_raw, X>: formulation's scale gradient
     if need_dx and not dx_final:
-        dx = (dx * scale).to(x.dtype)
+        dx = dx.mul_(scale).to(x.dtype)  # in place: no second fp32 N x D buffer
     return lse, loss_rows, dx if need_dx else None, dw, db, dscale
 
 
