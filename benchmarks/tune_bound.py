@@ -1,6 +1,6 @@
-"""The class-chunked training forward (H100): lean's and filtered's (with the per-class
-bound), stats from programs owning rows or from tiles, per tile configuration, on the bench
-cases. ``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
+"""Launch configurations of the class-chunked forward's kernels (H100): the training forward
+of ``impl="filtered"`` (stats + column-max kernels, the GEMMs unchanged) timed per
+configuration on the bench cases. ``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
 
 import itertools
 import sys
@@ -12,9 +12,13 @@ from fused_xent.bench import CASES, make_inputs
 from fused_xent.formulation import XentOptions, build_row_targets
 from fused_xent.kernels import class_chunked
 
-TILES = [
-    dict(BLOCK_N=n, BLOCK_C=c, num_warps=w, rows_per_program=r)
-    for (n, c, w), r in itertools.product([(32, 128, 4), (64, 128, 8), (32, 256, 8)], [None, 512])
+STATS = [
+    dict(BLOCK_N=n, BLOCK_C=c, num_warps=w, num_stages=s)
+    for (n, c, w), s in itertools.product([(16, 256, 8), (32, 256, 8), (16, 512, 8)], [1, 2, 3, 4])
+]
+COL_MAX = [
+    dict(BLOCK_N=n, BLOCK_C=c, num_warps=w, num_stages=s, rows_per_program=None)
+    for (n, c, w), s in itertools.product([(32, 128, 4), (64, 256, 8)], [1, 3])
 ]
 
 
@@ -26,15 +30,19 @@ def tune(name: str) -> None:
     rt = build_row_targets(y, target2=None, lam=None, class_weight=None, ignore_index=-100, opts=opts)
     scale = torch.ones((), device="cuda")
     args = (x, w, None, scale, rt, opts)
-    for tiled in (False, True):
-        class_chunked.TILED_STATS = tiled
-        for tile in TILES if tiled else [None]:
-            if tile is not None:
-                class_chunked.TILE_STATS_TILE = tile
-            plain = do_bench(lambda: class_chunked.class_chunked_forward(*args), return_mode="median")
-            bounded = do_bench(lambda: class_chunked.class_chunked_forward_bounded(*args), return_mode="median")
-            kind = f"tiles {tile}" if tiled else "rows (chunk_stats_kernel + chunk_col_max_kernel)"
-            print(f"{name} {kind}: lean forward {plain:.2f} ms, bounded forward {bounded:.2f} ms", flush=True)
+    ref = class_chunked.class_chunked_forward_bounded(*args)
+    for stats in STATS:
+        class_chunked.STATS_TILE = stats
+        plain = do_bench(lambda: class_chunked.class_chunked_forward(*args), return_mode="median")
+        print(f"{name} lean forward stats={stats}: {plain:.2f} ms", flush=True)
+    for stats, col in itertools.product(STATS[:1], COL_MAX):
+        class_chunked.STATS_TILE, class_chunked.COL_MAX_TILE = stats, col
+        out = class_chunked.class_chunked_forward_bounded(*args)
+        same = all(torch.equal(a, b) for a, b in zip(out, ref, strict=True))
+        t = do_bench(lambda: class_chunked.class_chunked_forward_bounded(*args), return_mode="median")
+        print(
+            f"{name} bounded forward stats={stats} col_max={col}: {t:.2f} ms (bitwise as default: {same})", flush=True
+        )
 
 
 for case_name in sys.argv[1:] or ["extreme_1m", "gemma2"]:

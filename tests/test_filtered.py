@@ -255,14 +255,11 @@ def pieces_log(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("row_splits", [False, True])
-@pytest.mark.parametrize("tiled", [True, False])
-def test_bounded_backward_on_peaked_logits(dtype, row_splits, tiled, pieces_log, chunk_log, monkeypatch):
+def test_bounded_backward_on_peaked_logits(dtype, row_splits, pieces_log, chunk_log, monkeypatch):
     """Without a bias gradient the forward's per-class bound decides: the classes it drops
     are insignificant on every row, recomputing none of them (classes [256, 300), bias -40),
     and the kept ones get exact gradients. ``row_splits``: the column maxima come from two
-    programs per column block (40 rows in tiles of 32), as on a GPU; ``tiled``: the forward's
-    stats from (rows, column block) tiles, or from programs owning whole rows."""
-    monkeypatch.setattr(class_chunked, "TILED_STATS", tiled)
+    programs per column block (40 rows in tiles of 32), as on a GPU."""
     if row_splits:
         monkeypatch.setattr(class_chunked, "target_programs", lambda device: 64)
     x, w, b, y = peaked_problem(dtype)

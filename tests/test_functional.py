@@ -291,21 +291,3 @@ def test_deferred_range_check_raises_on_a_later_call(monkeypatch):
     functional._PENDING_CHECKS.append((Event(True), torch.tensor([0, 3, 0, 0, 1]), 11, None))
     with pytest.raises(ValueError, match="lam must lie in"):
         linear_cross_entropy(x, w, y)
-
-
-@pytest.mark.parametrize("tiled", [True, False])
-@pytest.mark.parametrize(
-    "opts",
-    [dict(bias=True, label_smoothing=0.1), dict(dense=True, weight=True), dict(softcap=10.0, z_loss=1e-3, ignore=3)],
-)
-def test_lean_forward_stats_from_tiles_or_rows(tiled, opts, monkeypatch):
-    """Lean's forward folds each chunk's row stats either from (rows, column block) tiles
-    (``TILED_STATS``) or from programs owning whole rows; in chunks of 128 classes, so that
-    the fold crosses chunks and column blocks."""
-    from fused_xent.kernels import class_chunked
-
-    monkeypatch.setattr(class_chunked, "TILED_STATS", tiled)
-    monkeypatch.setattr(class_chunked, "TILE_STATS_TILE", dict(BLOCK_N=16, BLOCK_C=64, rows_per_program=16))
-    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
-    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
-    check("lean", torch.float32, 37, 19, 300, **opts)

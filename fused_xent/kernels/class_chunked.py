@@ -33,10 +33,6 @@ from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
 COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, num_warps=4, rows_per_program=None)
-TILE_STATS_TILE = dict(BLOCK_N=32, BLOCK_C=128, num_warps=4, rows_per_program=None)
-#: The forward's stats from tiles (``chunk_tile_stats_kernel``: one read of each chunk for
-#: the row stats and the filtered bound) instead of programs owning whole rows.
-TILED_STATS = True
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
@@ -85,82 +81,6 @@ def chunk_stats_kernel(
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
         m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
-    tl.store(M + rows, m, mask=row_mask)
-    tl.store(S + rows, s, mask=row_mask)
-    tl.store(L + rows, lin, mask=row_mask)
-
-
-@triton.jit
-def chunk_tile_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, PM, PS, PL, stride_p, ColMax,
-    N, Cc, c0, rows_per_program, stride_tn, stride_tc, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """One read of a chunk for both the row stats and (``BOUND``) the column maxima.
-
-    Program (j, i) covers column block j and rows ``[i * rows_per_program, ...)``. Per row
-    it writes the block's partial ``(m, s, lin)`` to row j of ``PM, PS, PL`` (folded in
-    column-block order by ``fold_partial_stats_kernel``); per column it keeps an elementwise
-    maximum of ``z_ij - lse_i`` (``lse_i`` from the running ``M, S``: the chunks before this
-    one) over its row tiles, reduced across rows once at the end and met across row splits in
-    an order-free atomic maximum (NaN counts as +inf)."""
-    j = tl.program_id(0)
-    local = j * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = local < Cc
-    cols = c0 + local
-    scale = tl.load(Scale).to(tl.float32)
-    acc = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
-    r_start = tl.program_id(1).to(tl.int64) * rows_per_program
-    for r0 in range(r_start, tl.minimum(r_start + rows_per_program, N), BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        mask = row_mask[:, None] & col_mask[None, :]
-        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
-        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        tt = z  # unused unless NEED_LIN
-        if NEED_LIN:
-            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
-                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-        none = tl.zeros([BLOCK_N], tl.float32)
-        m, s, lin = fold_row_stats(none + float("-inf"), none, none, z, tt, col_mask, NEED_LIN)
-        part = j * stride_p + rows
-        tl.store(PM + part, m, mask=row_mask)
-        tl.store(PS + part, s, mask=row_mask)
-        if NEED_LIN:
-            tl.store(PL + part, lin, mask=row_mask)
-        if BOUND:
-            lse = tl.load(M + rows, mask=row_mask, other=0.0) + tl.log(tl.load(S + rows, mask=row_mask, other=1.0))
-            v = z - lse[:, None]
-            acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
-    if BOUND:
-        tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
-
-
-@triton.jit
-def fold_partial_stats_kernel(
-    M, S, L, LB, PM, PS, PL, stride_p, N, parts,
-    NEED_LIN: tl.constexpr, BOUND: tl.constexpr, BLOCK_N: tl.constexpr,
-):  # fmt: skip
-    """Fold the ``parts`` column blocks' partial row stats, in order, into the running
-    ``(M, S, L)``; with ``BOUND`` first store the running lse in ``LB``."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-    m = tl.load(M + rows, mask=row_mask, other=0.0)
-    s = tl.load(S + rows, mask=row_mask, other=0.0)
-    lin = tl.load(L + rows, mask=row_mask, other=0.0)
-    if BOUND:
-        tl.store(LB + rows, m + tl.log(s), mask=row_mask)
-    for p in range(parts):
-        pm = tl.load(PM + p * stride_p + rows, mask=row_mask, other=float("-inf"))
-        ps = tl.load(PS + p * stride_p + rows, mask=row_mask, other=0.0)
-        m_new = tl.maximum(m, pm)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + ps * tl.exp(pm - m_ref)
-        m = m_new
-        if NEED_LIN:
-            lin += tl.load(PL + p * stride_p + rows, mask=row_mask, other=0.0)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
     tl.store(L + rows, lin, mask=row_mask)
@@ -373,19 +293,33 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
+    pointers, t_strides, flags = _kernel_args(b, rt, opts)
+    stats_tile = dict(STATS_TILE)
+    block_n = stats_tile["BLOCK_N"]
     if bound:
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
         lse_before = torch.empty((len(ranges), N), device=x.device)
-    stats = _TileStats(x, cc, b, scale, rt, opts, need_lin) if TILED_STATS else None
+        col_tile = dict(COL_MAX_TILE)
+        rows_per_program = col_tile.pop("rows_per_program")
+        tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
+        if rows_per_program is None:  # a few waves of programs over the column blocks
+            splits = max(1, min(triton.cdiv(N, tile_n), target_programs(x.device) // triton.cdiv(cc, tile_c)))
+            rows_per_program = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
-        chunk_bound = (lse_before[k], col_max) if bound and k > 0 else None
-        if stats is not None:
-            stats(raw, c0, m, s, lin, chunk_bound)
-        else:
-            _row_stats(raw, c0, b, scale, rt, opts, need_lin, m, s, lin, chunk_bound)
+        chunk_stats_kernel[(triton.cdiv(N, block_n),)](
+            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
+            lse_before[k] if bound else m, N, c1 - c0, c0, *t_strides,
+            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0, **flags, **stats_tile,
+        )  # fmt: skip
+        if bound and k > 0:
+            chunk_col_max_kernel[(triton.cdiv(c1 - c0, tile_c), triton.cdiv(N, rows_per_program))](
+                raw, raw.stride(0), b if b is not None else x, scale, lse_before[k], col_max, N, c1 - c0, c0,
+                rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
+                **col_tile,
+            )  # fmt: skip
     lse = m + torch.log(s)
     if not bound:
         return lse, lin, none
@@ -395,69 +329,6 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
         chunk_of[C - C % 8 :] = len(ranges) - 1
     return lse, lin, col_max - gain[chunk_of]
-
-
-def _row_stats(raw, c0, b, scale, rt, opts, need_lin, m, s, lin, chunk_bound) -> None:
-    """Fold a chunk into ``(m, s, lin)`` with programs owning whole rows; ``chunk_bound``:
-    ``(lse_before, col_max)`` to record, from a second pass over the chunk."""
-    N, width = raw.shape
-    pointers, t_strides, flags = _kernel_args(b, rt, opts)
-    tile = dict(STATS_TILE)
-    chunk_stats_kernel[(triton.cdiv(N, tile["BLOCK_N"]),)](
-        raw, raw.stride(0), b if b is not None else raw, scale, *pointers, m, s, lin,
-        chunk_bound[0] if chunk_bound else m, N, width, c0, *t_strides, opts.softcap or 1.0,
-        NEED_LIN=need_lin, BOUND=chunk_bound is not None, **flags, **tile,
-    )  # fmt: skip
-    if chunk_bound is None:
-        return
-    col_tile = dict(COL_MAX_TILE)
-    rows_per_program = col_tile.pop("rows_per_program") or _rows_per_program(
-        raw, width, col_tile["BLOCK_N"], col_tile["BLOCK_C"]
-    )
-    chunk_col_max_kernel[(triton.cdiv(width, col_tile["BLOCK_C"]), triton.cdiv(N, rows_per_program))](
-        raw, raw.stride(0), b if b is not None else raw, scale, chunk_bound[0], chunk_bound[1], N, width, c0,
-        rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
-        **col_tile,
-    )  # fmt: skip
-
-
-def _rows_per_program(raw, width: int, block_n: int, block_c: int) -> int:
-    """Rows per program of a (column blocks x row splits) grid: a few waves of programs."""
-    N = raw.shape[0]
-    splits = max(1, min(triton.cdiv(N, block_n), target_programs(raw.device) // triton.cdiv(width, block_c)))
-    return triton.cdiv(triton.cdiv(N, splits), block_n) * block_n
-
-
-class _TileStats:
-    """Fold chunks into ``(m, s, lin)`` with programs owning (row range, column block) tiles
-    (``chunk_tile_stats_kernel``, then ``fold_partial_stats_kernel``): one read of the chunk
-    for the row stats and the column maxima."""
-
-    def __init__(self, x, cc, b, scale, rt, opts, need_lin):
-        self.tile = dict(TILE_STATS_TILE)
-        self.parts = triton.cdiv(cc, self.tile["BLOCK_C"])
-        N = x.shape[0]
-        self.pm, self.ps, self.pl = torch.empty((3, self.parts, N), device=x.device)
-        self.b, self.scale, self.opts, self.need_lin = b, scale, opts, need_lin
-        self.pointers, self.t_strides, self.flags = _kernel_args(b, rt, opts)
-
-    def __call__(self, raw, c0, m, s, lin, chunk_bound) -> None:
-        N, width = raw.shape
-        tile = dict(self.tile)
-        rows_per_program = tile.pop("rows_per_program") or _rows_per_program(
-            raw, width, tile["BLOCK_N"], tile["BLOCK_C"]
-        )
-        parts = triton.cdiv(width, tile["BLOCK_C"])
-        chunk_tile_stats_kernel[(parts, triton.cdiv(N, rows_per_program))](
-            raw, raw.stride(0), self.b if self.b is not None else raw, self.scale, *self.pointers, m, s,
-            self.pm, self.ps, self.pl, N, chunk_bound[1] if chunk_bound else m, N, width, c0, rows_per_program,
-            *self.t_strides, self.opts.softcap or 1.0, NEED_LIN=self.need_lin, BOUND=chunk_bound is not None,
-            **self.flags, **tile,
-        )  # fmt: skip
-        fold_partial_stats_kernel[(triton.cdiv(N, 128),)](
-            m, s, lin, chunk_bound[0] if chunk_bound else m, self.pm, self.ps, self.pl, N, N, parts,
-            NEED_LIN=self.need_lin, BOUND=chunk_bound is not None, BLOCK_N=128, num_warps=4,
-        )  # fmt: skip
 
 
 #: Chunk memory of a forward that needs no gradient (evaluation): small, the GEMMs stay large.
