@@ -291,3 +291,19 @@ def test_deferred_range_check_raises_on_a_later_call(monkeypatch):
     functional._PENDING_CHECKS.append((Event(True), torch.tensor([0, 3, 0, 0, 1]), 11, None))
     with pytest.raises(ValueError, match="lam must lie in"):
         linear_cross_entropy(x, w, y)
+
+
+@pytest.mark.parametrize("impl", ["lean", "filtered"])
+def test_training_forward_nan_row_and_minus_inf_classes(impl):
+    """The chunked training forward (not the no-grad stream): a NaN input row gives a NaN
+    loss for that row only, and classes with a -inf bias count for nothing."""
+    x, w, b, y, _ = make_problem(6, 5, 11, torch.float32, bias=True)
+    b[[3, 7]] = float("-inf")
+    y[(y == 3) | (y == 7)] = 0
+    x[2, 1] = float("nan")
+    xx = x.clone().requires_grad_()
+    loss = linear_cross_entropy(xx, w, y, linear_bias=b, reduction="none", impl=impl)
+    ref = torch_linear_xent(x.double(), w.double(), y, b=b.double(), reduction="none")
+    finite = [0, 1, 3, 4, 5]
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[finite]).all()
+    assert rel_err(loss[finite], ref[finite]) < 1e-6
