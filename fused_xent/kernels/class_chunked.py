@@ -59,11 +59,8 @@ def chunk_stats_kernel(
 ):  # fmt: skip
     """Fold z of one chunk into the running row stats (m, s, lin).
 
-    Each element of the (BLOCK_N, BLOCK_C) tile keeps its own running max and sum over the
-    chunk's column tiles (one exp per logit: ``exp(-|z - m|)`` scales whichever side is
-    smaller), reduced across columns once at the end: reducing every tile cost ~2x the
-    kernel's memory time on the H100. With ``BOUND`` it also stores each row's lse over the
-    chunks before this one, ``LB[i] = m + log(s)`` on entry, for ``chunk_col_max_kernel``."""
+    With ``BOUND`` it also stores each row's lse over the chunks before this one,
+    ``LB[i] = m + log(s)`` on entry, for ``chunk_col_max_kernel``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -73,31 +70,17 @@ def chunk_stats_kernel(
     if BOUND:
         lse_before = m + tl.log(s)
         tl.store(LB + rows, lse_before, mask=row_mask)
-    tile_m = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
-    tile_s = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-    tile_lin = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
     for j0 in range(0, Cc, BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
         cols = c0 + local
-        mask = row_mask[:, None] & col_mask[None, :]
-        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask)
+        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+        tt = z  # unused unless NEED_LIN
         if NEED_LIN:
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-            tile_lin += tl.where(tt != 0.0, tt * z, 0.0)
-        up = z > tile_m
-        e = tl.exp(-tl.abs(z - tile_m))  # 0 against a running -inf; NaN stays NaN
-        keep = mask & (z != float("-inf"))
-        tile_s = tl.where(keep, tl.where(up, tile_s * e + 1.0, tile_s + e), tile_s)
-        tile_m = tl.where(keep & up, z, tile_m)
-    m_new = tl.maximum(m, tl.max(tile_m, axis=1))
-    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-    s = s * tl.exp(m - m_ref) + tl.sum(tile_s * tl.exp(tile_m - m_ref[:, None]), axis=1)
-    m = m_new
-    if NEED_LIN:
-        lin += tl.sum(tile_lin, axis=1)
+        m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
     tl.store(M + rows, m, mask=row_mask)
     tl.store(S + rows, s, mask=row_mask)
     tl.store(L + rows, lin, mask=row_mask)
