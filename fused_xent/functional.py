@@ -379,13 +379,15 @@ def linear_cross_entropy(
             forward (exact, 3 GEMMs; needs reduction "mean" or "sum" without return_lse;
             memory: one chunk of logits plus half of dW in fp32). "filtered": lean, skipping
             the classes whose gradient stays below the dtype's resolution (eps / 32) on every
-            row (opt-in, not exact). "triton": all-Triton streaming kernels (atomics in the
-            backward); "chunked": row chunks in plain torch; "reference": materialises the
-            logits. All but "chunked" and "reference" also run on CPU tensors under
-            ``TRITON_INTERPRET=1``.
+            row (opt-in, not exact); the forward bounds every class's probability over the
+            rows, so the backward recomputes only the classes it keeps (with a bias gradient
+            it recomputes every chunk and flags classes on the exact rule). "triton":
+            all-Triton streaming kernels (atomics in the backward); "chunked": row chunks in
+            plain torch; "reference": materialises the logits. All but "chunked" and
+            "reference" also run on CPU tensors under ``TRITON_INTERPRET=1``.
         deterministic: bitwise-reproducible loss and gradients; refuses impl="triton" (its
             backward adds tiles with atomics). Every other impl is deterministic anyway
-            (no atomics; "filtered"'s class flags are an order-free maximum). Also on under
+            (no atomics; "filtered"'s class flags and bounds are order-free maxima). Also on under
             ``torch.use_deterministic_algorithms(True)``.
         memory_budget: bytes of device memory beyond the gradients "auto" may use to run
             "fast" (default: ``set_memory_budget``'s, a sixteenth of the device's memory).

@@ -17,10 +17,15 @@ Four GEMMs in all (forward, recompute, dW, dX); memory beyond the gradients is o
 chunk of N x Cc plus fp32 dX_raw. No atomics in the exact passes: every sum has a fixed
 order, so the results are bitwise reproducible.
 
-The filtered backward (``class_chunked_backward_filtered``) has the grad kernel also flag
-the classes of the chunk with a significant gradient on some row; the dW and dX GEMMs then
-run over the flagged columns only (gathered, still dense cuBLAS GEMMs). Its one atomic, the
-flags' maximum, is order-free: the results stay bitwise reproducible.
+The filtered mode (``impl="filtered"``) skips classes whose gradient stays below the dtype's
+resolution on every row. Its forward (``class_chunked_forward_bounded``) also bounds each
+class's probability over all rows (``chunk_col_max_kernel``: ``max_i z_ij - lse_i`` against
+the lse of the chunks before, corrected by the rows' smallest lse gain since), so its backward
+(``_backward_bounded``) recomputes and differentiates only the classes the bound keeps,
+gathered into dense cuBLAS GEMMs. With a bias gradient (db must see every class) the
+backward recomputes every chunk and the grad kernel flags the classes with a significant
+gradient on some row; the dW and dX GEMMs then run over the flagged columns. The atomics
+(column maxima, flags) are order-free maxima: the results stay bitwise reproducible.
 """
 
 import torch
