@@ -79,6 +79,34 @@ def test_function_fullgraph_matches_eager(impl, name):
     _assert_same(_value_and_grads(compiled, x, w, b, s), _value_and_grads(fn, x, w, b, s))
 
 
+@pytest.mark.parametrize("bias_grad", [False, True])
+def test_filtered_fullgraph_matches_eager(bias_grad, monkeypatch):
+    """impl="filtered" through the custom ops: its forward's per-class bound (the op's third
+    output) reaches the backward; without a bias gradient the backward skips classes from
+    it, with one it recomputes every chunk. bf16, large logits (scale 8) and chunks of 128
+    classes, so that classes drop."""
+    from fused_xent.kernels import class_chunked
+
+    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
+    x, w, b, y = (t.to(torch.bfloat16) if t.is_floating_point() else t for t in _problem(13, 11, 300))
+    s = torch.tensor([8.0])
+
+    def fn(xx, ww, ss, bb):
+        return linear_cross_entropy(xx, ww, y, linear_bias=bb, scale=ss, impl="filtered")
+
+    def value_and_grads(f):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, s)]
+        bb = b.detach().clone().requires_grad_(bias_grad)
+        loss = f(*leaves, bb)
+        wrt = leaves + ([bb] if bias_grad else [])
+        return [loss, *torch.autograd.grad(loss, wrt)]
+
+    want = value_and_grads(fn)
+    assert (want[2] == 0).all(dim=1).any(), "no class dropped: the test would not exercise the filter"
+    _assert_same(value_and_grads(torch.compile(fn, fullgraph=True, backend="aot_eager")), want)
+
+
 def test_mixup_and_probability_targets_compile():
     x, w, b, y = _problem(9, 7, 23, seed=2)
     y2 = torch.randint(0, 23, (9,), generator=torch.Generator().manual_seed(3))
@@ -204,6 +232,8 @@ def test_custom_ops_pass_opcheck(need):
     targets = fused_xent.functional._targets_args(rt)
     fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, "chunked", True)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, fwd_args)
+    filtered_args = (*fwd_args[:-2], "filtered", True)  # a third output: the per-class bound
+    torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, filtered_args)
     lse = torch.logsumexp(x @ w.detach().T + b.detach(), -1).detach()
     aux = torch.empty(0)
     bwd_args = (x.detach(), w.detach(), b.detach(), s.detach(), lse, torch.rand(5), aux, targets, 9, 0.1, 0.0, None)
@@ -216,7 +246,7 @@ def test_custom_ops_pass_opcheck(need):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "triton", "chunked"])
+@pytest.mark.parametrize("impl", ["auto", "lean", "fast", "filtered", "triton", "chunked"])
 def test_gpu_model_fullgraph_inductor(impl):
     torch.manual_seed(0)
     model = _TinyClassifier(D=256, C=5003).cuda()
