@@ -31,27 +31,13 @@ def main() -> None:
         for factor in args.factors:
             class_chunked.FILTER_EPS_FACTOR = 1 / factor
             for r in bench.run_case(name, bench.CASES[name], "cuda", ["fused_xent[filtered]"]):
-                rows.append(dict(r, eps_factor=f"1/{factor}"))
+                rows.append(dict(r, method=f"{r['method']} eps/{factor}", eps_factor=f"1/{factor}"))
         rows += bench.run_case(name, bench.CASES[name], "cuda", ["cce"])
     env = bench.environment(["(benchmarks/filter_threshold.py)"])
     env["command"] = "PYTHONPATH=. python benchmarks/filter_threshold.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
     )
-    lines = [f"# filtered threshold vs CCE — {env['gpu']}", ""] + [f"- {k}: `{v}`" for k, v in env.items()]
-    lines += [
-        "",
-        "| case | method | eps factor | fw+bw ms | peak MiB | dX err | dW err |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['case']} | {r['method']} | {r.get('eps_factor', '')} | error: {r['error']} | | | |")
-            continue
-        lines.append(
-            f"| {r['case']} | {r['method']} | {r.get('eps_factor', '')} | {r['fwbw_ms']:.2f} | "
-            f"{r['peak_fwbw_mib']:.0f} | {r['gx_err']:.3e} | {r['gw_err']:.3e} |"
-        )
-    md = "\n".join(lines) + "\n"
+    md = bench.to_markdown(env, rows, title="filtered threshold vs CCE", err_digits=3)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "filter_threshold.json"), "w") as f:
         json.dump(dict(env=env, rows=rows), f, indent=1)

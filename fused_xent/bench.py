@@ -209,9 +209,10 @@ def environment(argv: list[str]) -> dict:
     )
 
 
-def to_markdown(env: dict, rows: list[dict]) -> str:
+def to_markdown(env: dict, rows: list[dict], title: str = "fused_xent benchmark", err_digits: int = 1) -> str:
     head = "| case | method | fw+bw ms | peak MiB | fw ms | fw peak MiB | loss err | dX err | dW err |"
-    lines = [f"# fused_xent benchmark — {env['gpu']}", ""]
+    e = f".{err_digits}e"
+    lines = [f"# {title} — {env['gpu']}", ""]
     lines += [f"- {k}: `{v}`" for k, v in env.items()]
     lines += ["", head, "|" + "---|" * 9]
     for r in rows:
@@ -220,7 +221,7 @@ def to_markdown(env: dict, rows: list[dict]) -> str:
             continue
         lines.append(
             f"| {r['case']} | {r['method']} | {r['fwbw_ms']:.2f} | {r['peak_fwbw_mib']:.0f} | {r['fw_ms']:.2f} | "
-            f"{r['peak_fw_mib']:.0f} | {r['loss_err']:.1e} | {r['gx_err']:.1e} | {r['gw_err']:.1e} |"
+            f"{r['peak_fw_mib']:.0f} | {r['loss_err']:{e}} | {r['gx_err']:{e}} | {r['gw_err']:{e}} |"
         )
     return "\n".join(lines) + "\n"
 
