@@ -419,7 +419,8 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     shrink to the kept fraction (no db: the caller falls back to ``_backward`` when the bias
     needs a gradient). A forward chunk with more than ``FILTER_DENSE_FRACTION`` of its
     classes kept runs whole; the kept classes of the others are gathered into dense chunks.
-    One host sync, for the counts. Every kept class gets the exact gradient."""
+    Two host syncs: the kept count per chunk, then the gathered classes' indices. Every kept
+    class gets the exact gradient."""
     N, D = x.shape
     C = w.shape[0]
     keep = kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
