@@ -1,7 +1,8 @@
 """Host-side cost of one fused_xent fw+bw on a small head (ViT-21k), per impl: wall time per
 step, host time per step (no sync, while the GPU keeps up), GPU kernel time per step
 (torch.profiler), and the profiler's top CPU operators.
-``PYTHONPATH=. python benchmarks/profile_host.py [impl ...]``"""
+``PYTHONPATH=. python benchmarks/profile_host.py [impl ...]``; ``impl@BYTES`` sets the call's
+``memory_budget`` (``fast@91000000``: fast in 1024-row chunks, within 128 MiB at ViT-21k)."""
 
 import sys
 import time
@@ -17,9 +18,12 @@ case = CASES["vit21k"]
 x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
 
 
-def step(impl):
+def step(spec):
+    impl, _, budget = spec.partition("@")
     x.grad = w.grad = b.grad = None
-    fused_xent.linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl).backward()
+    fused_xent.linear_cross_entropy(
+        x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl, memory_budget=int(budget) if budget else None
+    ).backward()
 
 
 def timed(impl, n=50, sync_each=False):
@@ -47,3 +51,4 @@ for impl in sys.argv[1:] or ["lean", "fast"]:
     gpu = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA) / 10 / 1e3
     print(f"{impl}: wall {wall:.2f} ms/step, host {host:.2f} ms/step (no sync), GPU kernels {gpu:.2f} ms/step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
+    print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
