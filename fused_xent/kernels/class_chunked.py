@@ -272,7 +272,8 @@ def _kernel_args(b, rt, opts):
 
 def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk_bytes: int | None = None):
     """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy."""
-    return _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound=False)[:2]
+    lse, lin, _ = _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound=False)
+    return lse, lin
 
 
 def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
@@ -284,7 +285,8 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
     Chunk ``k``'s classes get ``max_i (z_ij - lse_k,i) - min_i (lse_i - lse_k,i)`` with
     ``lse_k,i`` row i's lse over the chunks before k: since ``lse_i >= lse_k,i`` the bound
     holds for every row. The first chunk has nothing before it: ``+inf``, always kept."""
-    return _forward(x, w, b, scale, rt, opts, True, None, bound=rt.dense is None)
+    lse, lin, bound = _forward(x, w, b, scale, rt, opts, True, None, bound=rt.dense is None)
+    return lse, lin, bound if bound is not None else torch.empty(0, device=x.device)
 
 
 def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
@@ -292,9 +294,8 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     m = torch.full((N,), float("-inf"), device=x.device)
     s = torch.zeros(N, device=x.device)
     lin = torch.zeros(N, device=x.device)
-    none = torch.empty(0, device=x.device)
     if N == 0:
-        return m, lin, none
+        return m, lin, None
     buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
@@ -327,7 +328,7 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
             )  # fmt: skip
     lse = m + torch.log(s)
     if not bound:
-        return lse, lin, none
+        return lse, lin, None
     lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
     gain = (lse - lse_before).amin(1)
     chunk_of = torch.arange(C, device=x.device) // cc
@@ -392,7 +393,7 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
     return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=eps)
 
 
-def kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool) -> torch.Tensor:
+def _kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool) -> torch.Tensor:
     """(C,) bool: the classes the bounded filter keeps.
 
     ``|dU_ij| = |cp_i| |p_ij - t_ij|`` (the kernels' ``tt / cp`` is the target ``t``; see
@@ -423,7 +424,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     class gets the exact gradient."""
     N, D = x.shape
     C = w.shape[0]
-    keep = kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
+    keep = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
     ranges = _chunk_ranges(C, _chunk_cols(x, C))  # the forward's chunks
     ends = torch.tensor([c1 for _, c1 in ranges], device=x.device)
     counts = torch.diff(keep.cumsum(0)[ends - 1], prepend=ends.new_zeros(1)).tolist()
@@ -440,33 +441,14 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = torch.zeros_like(w) if need_dw else None
     buf = _chunk(x, C, CHUNK_BYTES // 2)  # half: the gathered W rows and their dW come on top
-    cc = buf.shape[1]
-    pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
-    for k0, k1, idx in _bounded_pieces(whole, cols, cc):
-        width = k1 - k0
+    kargs = _kernel_args(b, rt_g, opts)
+    for k0, k1, idx in _bounded_pieces(whole, cols, buf.shape[1]):
         w_k = w[k0:k1] if idx is None else w.index_select(0, idx)
-        raw = buf[:, :width]
-        _raw_products(x, w_k, raw)
-        if buf.dtype == x.dtype:
-            du = raw
-        else:  # fp16 dU over fp32 R, as in _backward
-            du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
-        col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
-        cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
-        chunk_grad_kernel[(triton.cdiv(N, 16), col_split)](
-            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            lse, 0, lse, idx if idx is not None else lse, lse, lse, lse, lse, N, width,
-            k0 if idx is None else 0, cols_per_program, *t_strides, opts.softcap or 1.0, 0.0,
-            COMPUTE_DB=False, FILTER=False, WITH_STATS=False, GATHERED=idx is not None,
-            **flags, BLOCK_N=16, BLOCK_C=256, num_warps=8,
-        )  # fmt: skip
+        du = _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, k0, cols=idx)
         if idx is None:
             _dense_chunk_grads(x, w_k, du, scale, dx, dw[k0:k1] if need_dw else None)
-            continue
-        if need_dw:  # index_put_ (unique rows) has a deterministic CUDA path
-            dw.index_put_((idx,), (_mm_fp32(du.T, x) * scale).to(dw.dtype))
-        if need_dx:
-            _addmm_fp32(dx, du, w_k)
+        else:
+            _gathered_chunk_grads(x, w_k, du, scale, dx, dw, idx)
     return dx, dw, None
 
 
@@ -482,34 +464,19 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         return dx, dw, db
     bufs = [_chunk(x, C) for _ in range(2 if filtering else 1)]
     cc = bufs[0].shape[1]
-    pointers, t_strides, flags = _kernel_args(b, rt_g, opts)
-    block_n = 16
-    db_part = torch.empty((triton.cdiv(N, block_n), cc), device=x.device) if need_db else None
+    kargs = _kernel_args(b, rt_g, opts)
+    db_part = torch.empty((triton.cdiv(N, _GRAD_BLOCK_N), cc), device=x.device) if need_db else None
     if filtering:  # per buffer: the count of flagged classes on the host, and its event
         keep = torch.empty(cc, device=x.device, dtype=torch.int32)
         counts = torch.empty(2, dtype=torch.int32, pin_memory=x.is_cuda)
         events = [torch.cuda.Event() if x.is_cuda else None for _ in range(2)]
     pending = None  # the filtered chunk whose GEMMs wait for its count of flagged classes
     for i, (c0, c1) in enumerate(_chunk_ranges(C, cc)):
-        buf = bufs[i % len(bufs)]
-        raw = buf[:, : c1 - c0]
-        _raw_products(x, w[c0:c1], raw)
-        if buf.dtype == x.dtype:
-            du = raw
-        else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
-            du = buf.view(x.dtype).as_strided((N, c1 - c0), (2 * cc, 1))
         width = c1 - c0
-        col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
-        cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
         if filtering:
             keep.zero_()
-        chunk_grad_kernel[(triton.cdiv(N, block_n), col_split)](
-            raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
-            db_part if need_db else lse, cc, keep if filtering else lse, lse, lse, lse, lse, lse, N, width, c0,
-            cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
-            COMPUTE_DB=need_db, FILTER=filtering, WITH_STATS=False, GATHERED=False,
-            **flags, BLOCK_N=block_n, BLOCK_C=256, num_warps=8,
-        )  # fmt: skip
+        du = _recompute_du(x, w[c0:c1], bufs[i % len(bufs)], b, scale, lse, cp, kargs, opts, c0, db_part=db_part,
+                           keep=keep if filtering else None, filter_eps=filter_eps)  # fmt: skip
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
         if not filtering:
@@ -538,12 +505,54 @@ def _bounded_pieces(whole, cols, cc: int) -> list[tuple[int, int, torch.Tensor |
     return pieces
 
 
+#: Rows per program of the backward's grad kernel (its partial-db rows follow it).
+_GRAD_BLOCK_N = 16
+
+
+def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db_part=None, keep=None,
+                  filter_eps=None):  # fmt: skip
+    """dU of one chunk of classes, recomputed into ``buf`` and written over it: ``w_k`` holds
+    W's rows of classes ``[c0, c0 + k)``, or of the gathered classes ``cols``. ``db_part``
+    receives the per-program partial bias sums, ``keep`` the filter's flags (see
+    ``chunk_grad_kernel``)."""
+    N, width, cc = x.shape[0], w_k.shape[0], buf.shape[1]
+    raw = buf[:, :width]
+    _raw_products(x, w_k, raw)
+    if buf.dtype == x.dtype:
+        du = raw
+    else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
+        du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
+    col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
+    cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
+    pointers, t_strides, flags = kargs
+    chunk_grad_kernel[(triton.cdiv(N, _GRAD_BLOCK_N), col_split)](
+        raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
+        db_part if db_part is not None else lse, db_part.stride(0) if db_part is not None else 0,
+        keep if keep is not None else lse, cols if cols is not None else lse, lse, lse, lse, lse, N, width,
+        c0, cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
+        COMPUTE_DB=db_part is not None, FILTER=keep is not None, WITH_STATS=False, GATHERED=cols is not None,
+        **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, num_warps=8,
+    )  # fmt: skip
+    return du
+
+
 def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
     """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns."""
     if dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
         torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
     if dx is not None:
         _addmm_fp32(dx, du, w_chunk)
+
+
+def _gathered_chunk_grads(x, w_k, du, scale, dx, dw, cols):
+    """``dW`` rows ``cols`` and the ``dX_raw`` term of gathered classes: ``du`` (N, k) their
+    dU columns, ``w_k`` their rows of W."""
+    if dw is not None:
+        # index_put_ (unique rows) has a deterministic CUDA path; index_copy_ alerts under
+        # torch.use_deterministic_algorithms
+        dw.index_put_((cols,), (_mm_fp32(du.T, x) * scale).to(dw.dtype))
+    if dx is not None:
+        _addmm_fp32(dx, du, w_k)
 
 
 def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready):
@@ -563,9 +572,5 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
         return
     cols = order[:k]
     du_t = du.T.index_select(0, cols)
-    if dw is not None:
-        # index_put_ (unique rows) has a deterministic CUDA path; index_copy_ alerts under
-        # torch.use_deterministic_algorithms
-        dw[c0:c1].index_put_((cols,), (_mm_fp32(du_t, x) * scale).to(dw.dtype))
-    if dx is not None:
-        _addmm_fp32(dx, du_t.T, w[c0:c1].index_select(0, cols))
+    w_k = w[c0:c1].index_select(0, cols) if dx is not None else None
+    _gathered_chunk_grads(x, w_k, du_t.T, scale, dx, dw[c0:c1] if dw is not None else None, cols)
