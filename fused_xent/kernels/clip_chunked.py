@@ -30,7 +30,6 @@ import triton.language as tl
 
 from fused_xent.kernels import config
 from fused_xent.kernels.class_chunked import _accumulate, _chunk_dtype, _chunk_ranges, _raw_products
-from fused_xent.kernels.tiles import raw_tile
 
 #: Bytes of the backward's tile of logits (TILE_ROWS x cc). Beside it the backward holds dY,
 #: the fp32 dX accumulator (6 B D bytes for bf16) and the chunk's fp32 dY accumulator; dX is
@@ -245,64 +244,6 @@ def clip_chunk_grad_kernel(
     tl.store(slot, tl.load(slot) + tl.sum(tl.sum(ds, axis=1), axis=0))
 
 
-@triton.jit
-def clip_fused_grad_kernel(
-    X, stride_x, Y, stride_y, G, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
-    stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):  # fmt: skip
-    """``dz * out_scale`` of one tile (global rows ``r0 + [0, n_rows)``, columns ``c0 + [0,
-    width)``) from its own products ``X[rows] @ Y[cols].T`` (fp32, never stored), written to G
-    in G's dtype. Program p owns one (BLOCK_M, BLOCK_N) block, GROUP_M row blocks walked
-    together so that their Y columns stay in L2, and adds its ``sum dz R * out_scale`` to
-    ``DS[p]`` (one writer per slot, a fixed order over tiles)."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(n_rows, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(width, BLOCK_N)
-    first_m = pid // per_group * GROUP_M
-    group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    local_rows = (first_m + pid % per_group % group_rows) * BLOCK_M + tl.arange(0, BLOCK_M)
-    local_cols = (pid % per_group // group_rows) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = local_rows < n_rows
-    col_mask = local_cols < width
-    rows = r0 + local_rows.to(tl.int64)
-    cols = c0 + local_cols.to(tl.int64)
-    r = raw_tile(
-        X, Y, rows, row_mask, cols, col_mask, D, stride_x, 1, stride_y, 1,
-        UPCAST, DOT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_D,
-    )  # fmt: skip
-    scale2 = tl.load(Scale).to(tl.float32) * 1.4426950408889634
-    out_scale = tl.load(OutScale)
-    lse_r = tl.load(LseRow + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-    g_r = tl.load(GRow + rows * stride_grow, mask=row_mask, other=0.0) * out_scale
-    g_d = tl.load(GDiag + rows * stride_gdiag, mask=row_mask, other=0.0) * out_scale
-    lse_c = tl.load(LseCol + cols, mask=col_mask, other=0.0) * 1.4426950408889634
-    g_c = tl.load(GCol + cols * stride_gcol, mask=col_mask, other=0.0) * out_scale
-    z2 = r * scale2
-    dz = g_r[:, None] * tl.exp2(z2 - lse_r[:, None]) + g_c[None, :] * tl.exp2(z2 - lse_c[None, :])
-    dz += tl.where(rows[:, None] == cols[None, :], g_d[:, None], 0.0)
-    valid = row_mask[:, None] & col_mask[None, :]
-    dz = tl.where(valid, dz, 0.0)
-    out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
-    tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
-    slot = DS + pid
-    tl.store(slot, tl.load(slot) + tl.sum(tl.sum(dz * r, axis=1), axis=0))
-
-
-def _fused_grad_blocks(device: torch.device) -> dict:
-    if device.type != "cuda":
-        return dict(GROUP_M=2, BLOCK_M=16, BLOCK_N=16, BLOCK_D=16)
-    return dict(FUSED_GRAD_BLOCKS)
-
-
-#: Tiles of ``clip_fused_grad_kernel`` on CUDA.
-FUSED_GRAD_BLOCKS = dict(GROUP_M=8, BLOCK_M=128, BLOCK_N=128, BLOCK_D=64, num_warps=8, num_stages=3)
-#: Whether the backward forms dz from its own products in one Triton kernel (True) or from a
-#: cuBLAS GEMM's stored products (False).
-FUSED_GRAD = True
-
-
 def _grad_blocks(device: torch.device) -> dict:
     if device.type != "cuda":
         return dict(BLOCK_N=8, BLOCK_C=16, STAGES=1)
@@ -336,19 +277,12 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
         out_scale, post = scale.reshape(()), None
     tile_rows = min(B, TILE_ROWS)
     cc = chunk_cols(tile_rows, D, x.dtype, CHUNK_BYTES)
-    fused = FUSED_GRAD
-    buf = torch.empty((tile_rows, cc), device=x.device, dtype=x.dtype if fused else _chunk_dtype(x.dtype))
+    buf = torch.empty((tile_rows, cc), device=x.device, dtype=_chunk_dtype(x.dtype))
     in_place = buf.dtype == x.dtype
-    if fused:
-        x, y = x.contiguous(), y.contiguous()
-        blocks = _fused_grad_blocks(x.device)
-        block_m, block_n = blocks["BLOCK_M"], blocks["BLOCK_N"]
-        ds_part = torch.zeros(triton.cdiv(tile_rows, block_m) * triton.cdiv(cc, block_n), device=x.device)
-    else:
-        blocks = _grad_blocks(x.device)
-        block_n, block_c = blocks["BLOCK_N"], blocks["BLOCK_C"]
-        max_split = triton.cdiv(cc, GRAD_COLS_PER_PROGRAM) if in_place else 1
-        ds_part = torch.zeros((triton.cdiv(tile_rows, block_n), max_split), device=x.device)
+    blocks = _grad_blocks(x.device)
+    block_n, block_c = blocks["BLOCK_N"], blocks["BLOCK_C"]
+    max_split = triton.cdiv(cc, GRAD_COLS_PER_PROGRAM) if in_place else 1
+    ds_part = torch.zeros((triton.cdiv(tile_rows, block_n), max_split), device=x.device)
     dy = torch.empty_like(y)
     dy_acc = torch.empty((cc, D), device=x.device)
     dx_acc = torch.empty((B, D), device=x.device)
@@ -356,17 +290,6 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
         width = c1 - c0
         for r0 in range(0, B, tile_rows):
             n_rows = min(tile_rows, B - r0)
-            if fused:
-                dz = buf[:n_rows, :width]
-                grid = (triton.cdiv(n_rows, block_m) * triton.cdiv(width, block_n),)
-                clip_fused_grad_kernel[grid](
-                    x, x.stride(0), y, y.stride(0), dz, dz.stride(0), scale, lse_row, lse_col, g_row, g_col,
-                    g_diag, out_scale, ds_part, g_row.stride(0), g_col.stride(0), g_diag.stride(0),
-                    n_rows, r0, width, c0, D, **config.dot_options(x.dtype), **blocks,
-                )  # fmt: skip
-                _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
-                _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
-                continue
             raw = buf[:n_rows, :width]
             _raw_products(x[r0 : r0 + n_rows], y[c0:c1], raw)
             # fp16 dz over fp32 R: the same byte pitch holds twice the elements
@@ -384,7 +307,7 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
             _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
         # one rounding to y's dtype, after the fp16 factor
         _finish(dy_acc[:width], post, dy[c0:c1])
-    del buf, dz, dy_acc  # before dX exists: the peak stays at dY + fp32 dX + one tile
+    del buf, raw, dz, dy_acc  # before dX exists: the peak stays at dY + fp32 dX + one tile
     if x.dtype == torch.float32:
         dx = dx_acc
     else:

@@ -32,33 +32,6 @@ def logit_tile(
 
     ``rows`` and ``cols`` are int64 so that ``row * stride`` never wraps.
     """
-    acc = raw_tile(
-        X, W, rows, row_mask, cols, col_mask, D, stride_xn, stride_xd, stride_wc, stride_wd,
-        UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
-    )  # fmt: skip
-    return logit_epilogue(acc, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-
-
-@triton.jit
-def raw_tile(
-    X,
-    W,
-    rows,
-    row_mask,
-    cols,
-    col_mask,
-    D,
-    stride_xn,
-    stride_xd,
-    stride_wc,
-    stride_wd,
-    UPCAST: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    """The raw products ``X[rows] @ W[cols].T`` as a (BLOCK_N, BLOCK_C) fp32 tile."""
     acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
@@ -73,7 +46,7 @@ def raw_tile(
             x = x.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
-    return acc
+    return logit_epilogue(acc, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
 
 
 @triton.jit
