@@ -1,20 +1,20 @@
-"""Tile sweep for CLIP's lean backend at B = 32768, D = 768 bf16 (issue 4's anchor): the forward
-from cuBLAS chunks + the stats kernel against the one-pass Triton forward (``clip_xent``), the
-backward's dz from a cuBLAS GEMM + the grad kernel against ``clip_fused_grad_kernel`` at several
-tiles, and whole forward + backward steps; gradient errors against fp32 logits.
+"""Tile sweep for CLIP's lean backend at B = 32768, D = 768 bf16 (issue 4's anchor): the
+backward's grad kernel and the forward's stats kernel over several tiles, then whole forward +
+backward steps with the best of each (time, peak memory, gradient errors against fp32 logits,
+the profiler's kernel time against the wall time, host syncs).
 
     PYTHONPATH=. python benchmarks/tune_clip.py [--B 32768] [--D 768]
 """
 
 import argparse
-import itertools
 
 import torch
 import torch.nn.functional as F
 import triton
+from torch.profiler import ProfilerActivity, profile
 
 from fused_xent.integrations import open_clip as fused
-from fused_xent.kernels import clip_chunked, clip_xent
+from fused_xent.kernels import clip_chunked
 
 
 def _features(B: int, D: int):
@@ -48,27 +48,7 @@ def main() -> None:
     scale = torch.tensor([100.0 / 1.5], device="cuda")
     rows = []
 
-    # forward: lean (cuBLAS + stats) vs the one-pass Triton forward at several tiles
-    ms = triton.testing.do_bench(lambda: clip_chunked.clip_chunked_forward(x, y, scale))
-    rows.append(("forward lean (cuBLAS + stats)", ms, ""))
     ref_stats = clip_chunked.clip_chunked_forward(x, y, scale)
-    default_blocks, default_programs = clip_xent._forward_blocks, clip_xent._forward_programs
-    for (bm, bn, warps, stages), waves in itertools.product(
-        [(128, 128, 8, 3), (128, 128, 4, 3), (128, 256, 8, 3), (64, 256, 4, 3), (128, 128, 8, 4)], [1, 2]
-    ):
-        blocks = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, num_warps=warps, num_stages=stages)
-        clip_xent._forward_blocks = lambda device, blocks=blocks: blocks
-        clip_xent._forward_programs = lambda device, waves=waves: waves * 132
-        try:
-            got = clip_xent.clip_xent_forward(x, y, scale)
-            diff = max((a - b).abs().max().item() for a, b in zip(got, ref_stats, strict=True))
-            ms = triton.testing.do_bench(lambda: clip_xent.clip_xent_forward(x, y, scale))
-            rows.append((f"forward triton {bm}x{bn} w{warps} s{stages} x{waves}", ms, f"max |d lse| {diff:.3f}"))
-        except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
-            rows.append((f"forward triton {bm}x{bn} w{warps} s{stages} x{waves}", float("nan"), type(e).__name__))
-    clip_xent._forward_blocks, clip_xent._forward_programs = default_blocks, default_programs
-
-    # backward alone, the loss's upstream gradients
     B = args.B
     lse_row, lse_col, _ = ref_stats
     g_row = torch.full((B,), 0.5 / B, device="cuda")
@@ -79,33 +59,49 @@ def main() -> None:
     def backward():
         return clip_chunked.clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag)
 
-    clip_chunked.FUSED_GRAD = False
-    dx, dy, _ = backward()
-    ms = triton.testing.do_bench(backward)
-    rows.append(("backward cuBLAS + grad kernel", ms, f"err dx {_err(dx, want_dx):.2e} dy {_err(dy, want_dy):.2e}"))
-    clip_chunked.FUSED_GRAD = True
-    default_fused = dict(clip_chunked.FUSED_GRAD_BLOCKS)
-    for bm, bn, warps, stages, group in [
-        (128, 128, 8, 3, 8),
-        (128, 128, 4, 3, 8),
-        (128, 256, 8, 3, 8),
-        (128, 128, 8, 4, 8),
-        (64, 256, 4, 3, 8),
-        (128, 128, 4, 4, 16),
-        (256, 128, 8, 3, 8),
+    best_grad = (float("inf"), None)
+    for block_n, block_c, warps, stages, per_program in [
+        (8, 128, 2, 2, 1024),
+        (16, 256, 4, 2, 1024),
+        (32, 256, 4, 2, 256),
+        (32, 256, 8, 2, 1024),
+        (64, 128, 4, 2, 128),
+        (64, 256, 8, 2, 256),
+        (32, 128, 4, 3, 1024),
+        (16, 512, 4, 2, 512),
+        (8, 512, 4, 2, 1024),
+        (16, 128, 2, 3, 1024),
     ]:
-        clip_chunked.FUSED_GRAD_BLOCKS.update(
-            GROUP_M=group, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=64, num_warps=warps, num_stages=stages
-        )
-        name = f"backward fused {bm}x{bn} w{warps} s{stages} g{group}"
-        try:
-            dx, dy, _ = backward()
-            ms = triton.testing.do_bench(backward)
-            rows.append((name, ms, f"err dx {_err(dx, want_dx):.2e} dy {_err(dy, want_dy):.2e}"))
-        except Exception as e:  # noqa: BLE001
-            rows.append((name, float("nan"), type(e).__name__))
-    clip_chunked.FUSED_GRAD_BLOCKS.clear()
-    clip_chunked.FUSED_GRAD_BLOCKS.update(default_fused)
+        config = dict(BLOCK_N=block_n, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
+        clip_chunked.GRAD_BLOCKS = config
+        clip_chunked.GRAD_COLS_PER_PROGRAM = per_program
+        dx, dy, _ = backward()
+        ms = triton.testing.do_bench(backward)
+        errs = f"err dx {_err(dx, want_dx):.2e} dy {_err(dy, want_dy):.2e}"
+        rows.append((f"backward grad {block_n}x{block_c} w{warps} s{stages} cols/prog {per_program}", ms, errs))
+        best_grad = min(best_grad, (ms, (config, per_program)), key=lambda t: t[0])
+    clip_chunked.GRAD_BLOCKS, clip_chunked.GRAD_COLS_PER_PROGRAM = best_grad[1]
+
+    best_stats = (float("inf"), None)
+    for block_n, block_c, stages, warps in [
+        (32, 64, 3, 1),
+        (64, 64, 3, 2),
+        (32, 128, 3, 2),
+        (64, 128, 3, 4),
+        (16, 64, 4, 1),
+        (32, 64, 4, 1),
+        (128, 64, 3, 4),
+        (16, 128, 3, 1),
+    ]:
+        config = dict(BLOCK_N=block_n, BLOCK_C=block_c, STAGES=stages, num_warps=warps)
+        clip_chunked.STATS_BLOCKS = config
+        got = clip_chunked.clip_chunked_forward(x, y, scale)
+        diff = max((a - b).abs().max().item() for a, b in zip(got, ref_stats, strict=True))
+        ms = triton.testing.do_bench(lambda: clip_chunked.clip_chunked_forward(x, y, scale))
+        rows.append((f"forward stats {block_n}x{block_c} w{warps} s{stages}", ms, f"max |d stat| {diff:.1e}"))
+        best_stats = min(best_stats, (ms, config), key=lambda t: t[0])
+    clip_chunked.STATS_BLOCKS = best_stats[1]
+    rows.append((f"best: grad {best_grad[1]}, stats {best_stats[1]}", float("nan"), ""))
 
     # whole steps through FusedClipLoss
     loss_fn = fused.FusedClipLoss(impl="lean")
@@ -115,21 +111,32 @@ def main() -> None:
         xi.grad = yi.grad = None
         loss_fn(xi, yi, scale[0]).backward()
 
-    for fused_grad in (False, True):
-        clip_chunked.FUSED_GRAD = fused_grad
+    step()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    ms = triton.testing.do_bench(step)
+    errs = f"err dx {_err(xi.grad, want_dx):.2e} dy {_err(yi.grad, want_dy):.2e}, {peak:.0f} MiB"
+    rows.append(("step lean, best tiles", ms, errs))
+    torch.cuda.set_sync_debug_mode("warn")
+    step()
+    torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
         step()
+        end.record()
         torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-        ms = triton.testing.do_bench(step)
-        errs = f"err dx {_err(xi.grad, want_dx):.2e} dy {_err(yi.grad, want_dy):.2e}, {peak:.0f} MiB"
-        rows.append((f"step lean, fused grad {fused_grad}", ms, errs))
+    kernels = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1e3
+    rows.append(("step profiled: wall (events) / kernels", start.elapsed_time(end), f"{kernels:.3f} ms in kernels"))
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=50))
 
     print(f"\n{torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__} B={B} D={args.D}")
     for name, ms, extra in rows:
-        print(f"{name:45s} {ms:8.3f} ms  {extra}")
+        print(f"{name:60s} {ms:8.3f} ms  {extra}")
 
 
 if __name__ == "__main__":
