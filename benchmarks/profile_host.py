@@ -2,8 +2,10 @@
 step, host time per step (no sync, while the GPU keeps up), GPU kernel time per step
 (torch.profiler), and the profiler's top CPU operators.
 ``PYTHONPATH=. python benchmarks/profile_host.py [impl ...]``; ``impl@BYTES`` sets the call's
-``memory_budget`` (``fast@91000000``: fast in 1024-row chunks, within 128 MiB at ViT-21k)."""
+``memory_budget`` (``fast@91000000``: fast in 1024-row chunks, within 128 MiB at ViT-21k).
+Another case of ``fused_xent.bench``: ``PROFILE_CASE=extreme_1m``."""
 
+import os
 import sys
 import time
 
@@ -14,16 +16,19 @@ from torch.profiler import ProfilerActivity, profile
 import fused_xent
 from fused_xent.bench import CASES, make_inputs
 
-case = CASES["vit21k"]
+case = CASES[os.environ.get("PROFILE_CASE", "vit21k")]
 x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
 
 
 def step(spec):
     impl, _, budget = spec.partition("@")
-    x.grad = w.grad = b.grad = None
+    x.grad = w.grad = None
+    if b is not None:
+        b.grad = None
     fused_xent.linear_cross_entropy(
-        x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl, memory_budget=int(budget) if budget else None
-    ).backward()
+        x, w, y, linear_bias=b, label_smoothing=case.get("ls", 0.0), impl=impl,
+        memory_budget=int(budget) if budget else None,
+    ).backward()  # fmt: skip
 
 
 def timed(impl, n=50, sync_each=False):

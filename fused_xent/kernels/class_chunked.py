@@ -37,9 +37,6 @@ from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args
 
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
-#: Programs of the stats kernel in flight, in units of ``target_programs``: a chunk's columns
-#: are split among programs until there are that many.
-STATS_WAVES = 2
 COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, num_warps=4, rows_per_program=None)
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
@@ -59,26 +56,26 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 @triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L,
-    N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap,
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB,
+    N, Cc, c0, stride_tn, stride_tc, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Fold z of one chunk into running row stats (m, s, lin). Program (i, p) covers row block
-    i and the chunk's columns ``[p * cols_per_program, ...)``, and keeps its own running
-    stats, row ``p`` of M, S and L (P x N): the column split puts enough programs in flight to
-    keep the memory busy when rows are few, and every partial has one writer and a fixed
-    order. The partials are merged once, after the last chunk."""
+    """Fold z of one chunk into the running row stats (m, s, lin).
+
+    With ``BOUND`` it also stores each row's lse over the chunks before this one,
+    ``LB[i] = m + log(s)`` on entry, for ``chunk_col_max_kernel``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
-    state = tl.program_id(1).to(tl.int64) * N + rows
     scale = tl.load(Scale).to(tl.float32)
-    m = tl.load(M + state, mask=row_mask, other=0.0)
-    s = tl.load(S + state, mask=row_mask, other=0.0)
-    lin = tl.load(L + state, mask=row_mask, other=0.0)
-    col_start = tl.program_id(1) * cols_per_program
-    for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
+    m = tl.load(M + rows, mask=row_mask, other=0.0)
+    s = tl.load(S + rows, mask=row_mask, other=0.0)
+    lin = tl.load(L + rows, mask=row_mask, other=0.0)
+    if BOUND:
+        lse_before = m + tl.log(s)
+        tl.store(LB + rows, lse_before, mask=row_mask)
+    for j0 in range(0, Cc, BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
         cols = c0 + local
@@ -89,36 +86,18 @@ def chunk_stats_kernel(
             tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                              HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
         m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
-    tl.store(M + state, m, mask=row_mask)
-    tl.store(S + state, s, mask=row_mask)
-    tl.store(L + state, lin, mask=row_mask)
-
-
-@triton.jit
-def merged_lse(M, S, rows, row_mask, N, n_parts):
-    """Each row's lse over the partial (max, sum-exp) rows ``M[p]``, ``S[p]``, p < n_parts:
-    ``log sum_p S[p] exp(M[p])`` in a fixed order (a reference of 0 while every max is -inf)."""
-    m = tl.full(rows.shape, float("-inf"), tl.float32)
-    s = tl.zeros(rows.shape, tl.float32)
-    for p in range(n_parts):
-        m_p = tl.load(M + p * N + rows, mask=row_mask, other=float("-inf"))
-        s_p = tl.load(S + p * N + rows, mask=row_mask, other=0.0)
-        m_new = tl.maximum(m, m_p)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s * tl.exp(m - m_ref) + s_p * tl.exp(m_p - m_ref)
-        m = m_new
-    return m + tl.log(s)
+    tl.store(M + rows, m, mask=row_mask)
+    tl.store(S + rows, s, mask=row_mask)
+    tl.store(L + rows, lin, mask=row_mask)
 
 
 @triton.jit
 def chunk_col_max_kernel(
-    R, stride_rn, Bias, Scale, M, S, n_parts, LB, ColMax, N, Cc, c0, rows_per_program, softcap,
+    R, stride_rn, Bias, Scale, LB, ColMax, N, Cc, c0, rows_per_program, softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """``ColMax[c0 + j] = max(ColMax[c0 + j], max_i (z_ij - LB[i]))`` over rows
-    ``[program_id(1) * rows_per_program, ...)`` of one chunk (NaN counts as +inf), ``LB`` each
-    row's lse over the chunks before this one, merged from the stats kernel's partials (M, S)
-    before that kernel folds this chunk in; the programs of the first column block store it.
+    ``[program_id(1) * rows_per_program, ...)`` of one chunk (NaN counts as +inf).
 
     Program (j, i) keeps an elementwise maximum over its row tiles and reduces across rows
     once at the end: the same reduction in every tile of the row-owning stats kernel made it
@@ -135,10 +114,7 @@ def chunk_col_max_kernel(
         mask = row_mask[:, None] & col_mask[None, :]
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        lb = merged_lse(M, S, rows, row_mask, N, n_parts)
-        if tl.program_id(0) == 0:
-            tl.store(LB + rows, lb, mask=row_mask)
-        v = z - lb[:, None]
+        v = z - tl.load(LB + rows, mask=row_mask, other=0.0)[:, None]
         acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
     tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
 
@@ -315,18 +291,17 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
 
 def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     N, C = x.shape[0], w.shape[0]
+    m = torch.full((N,), float("-inf"), device=x.device)
+    s = torch.zeros(N, device=x.device)
+    lin = torch.zeros(N, device=x.device)
     if N == 0:
-        return torch.empty(0, device=x.device), torch.zeros(0, device=x.device), None
+        return m, lin, None
     buf = _chunk(x, C, chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     stats_tile = dict(STATS_TILE)
-    n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
-    parts, cols_per_program = _stats_split(x.device, n_row_blocks, cc, stats_tile["BLOCK_C"])
-    m = torch.full((parts, N), float("-inf"), device=x.device)
-    s = torch.zeros((parts, N), device=x.device)
-    lin = torch.zeros((parts, N), device=x.device)
+    block_n = stats_tile["BLOCK_N"]
     if bound:
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
@@ -340,17 +315,18 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
-        if bound and k > 0:  # before the stats take this chunk in: the partials hold the chunks before
-            chunk_col_max_kernel[(triton.cdiv(c1 - c0, tile_c), triton.cdiv(N, rows_per_program))](
-                raw, raw.stride(0), b if b is not None else x, scale, m, s, parts, lse_before[k], col_max, N,
-                c1 - c0, c0, rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None,
-                HAS_SOFTCAP=opts.softcap is not None, **col_tile,
-            )  # fmt: skip
-        chunk_stats_kernel[(n_row_blocks, parts)](
-            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin, N, c1 - c0, c0,
-            cols_per_program, *t_strides, opts.softcap or 1.0, NEED_LIN=need_lin, **flags, **stats_tile,
+        chunk_stats_kernel[(triton.cdiv(N, block_n),)](
+            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
+            lse_before[k] if bound else m, N, c1 - c0, c0, *t_strides,
+            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0, **flags, **stats_tile,
         )  # fmt: skip
-    lse, lin = _merge_parts(m, s), lin[0] if parts == 1 else lin.sum(0)
+        if bound and k > 0:
+            chunk_col_max_kernel[(triton.cdiv(c1 - c0, tile_c), triton.cdiv(N, rows_per_program))](
+                raw, raw.stride(0), b if b is not None else x, scale, lse_before[k], col_max, N, c1 - c0, c0,
+                rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
+                **col_tile,
+            )  # fmt: skip
+    lse = m + torch.log(s)
     if not bound:
         return lse, lin, None
     lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
@@ -359,28 +335,6 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
         chunk_of[C - C % 8 :] = len(ranges) - 1
     return lse, lin, col_max - gain[chunk_of]
-
-
-def _stats_split(device: torch.device, n_row_blocks: int, cc: int, block_c: int) -> tuple[int, int]:
-    """``(parts, cols_per_program)`` of the stats kernel: enough column splits of a chunk that
-    ``STATS_WAVES`` times ``target_programs`` programs are in flight (two splits on the CPU, so
-    that the interpreter merges partials too)."""
-    most = triton.cdiv(cc, block_c)
-    if device.type == "cuda":
-        parts = triton.cdiv(STATS_WAVES * target_programs(device), n_row_blocks)
-    else:
-        parts = 2
-    cols_per_program = triton.cdiv(triton.cdiv(cc, min(most, max(1, parts))), block_c) * block_c
-    return triton.cdiv(cc, cols_per_program), cols_per_program
-
-
-def _merge_parts(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """Each row's lse from the stats kernel's partial maxima ``m`` and sums ``s`` (P x N)."""
-    if m.shape[0] == 1:
-        return m[0] + torch.log(s[0])
-    top = m.amax(0)
-    ref = torch.where(top == float("-inf"), 0.0, top)
-    return ref + torch.log((s * torch.exp(m - ref)).sum(0))
 
 
 #: Chunk memory of a forward that needs no gradient (evaluation): small, the GEMMs stay large.

@@ -211,8 +211,6 @@ def clip_chunk_grad_kernel(
     block is partial."""
     local_row0 = tl.program_id(0) * BLOCK_N
     local_rows = local_row0 + tl.arange(0, BLOCK_N)
-    R_block = R + local_row0.to(tl.int64) * stride_r  # offsets inside a block fit in 32 bits
-    G_block = G + local_row0.to(tl.int64) * stride_g
     row_mask = local_rows < n_rows
     rows = r0 + local_rows
     scale2 = tl.load(Scale).to(tl.float32) * 1.4426950408889634
@@ -228,11 +226,11 @@ def clip_chunk_grad_kernel(
         col_mask = local < width
         cols = c0 + local
         valid = row_mask[:, None] & col_mask[None, :]
-        offsets = tl.arange(0, BLOCK_N)[:, None] * stride_r + local[None, :]
+        offsets = local_rows[:, None].to(tl.int64) * stride_r + local[None, :]
         if EVEN:
-            r = tl.load(R_block + offsets).to(tl.float32)
+            r = tl.load(R + offsets).to(tl.float32)
         else:
-            r = tl.load(R_block + offsets, mask=valid, other=0.0).to(tl.float32)
+            r = tl.load(R + offsets, mask=valid, other=0.0).to(tl.float32)
         z2 = r * scale2
         lse_c = tl.load(LseCol + cols, mask=col_mask, other=0.0) * 1.4426950408889634
         g_c = tl.load(GCol + cols * stride_gcol, mask=col_mask, other=0.0) * out_scale
@@ -241,7 +239,7 @@ def clip_chunk_grad_kernel(
             dz += tl.where(rows[:, None] == cols[None, :], g_d[:, None], 0.0)
         ds += dz * r  # masked entries have r = 0
         tl.debug_barrier()  # every thread has read the block before any thread overwrites it
-        out = G_block + tl.arange(0, BLOCK_N)[:, None] * stride_g + local[None, :]
+        out = G + local_rows[:, None].to(tl.int64) * stride_g + local[None, :]
         if EVEN:
             tl.store(out, dz.to(G.dtype.element_ty))
         else:
