@@ -43,6 +43,7 @@ class XentOptions:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float | None = None
+    chunk_bytes: int | None = None  # the class-chunked backends' logit chunk (None: their default)
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ def _targets_args(rt: RowTargets) -> list[torch.Tensor | None]:
 
 
 def _options_args(opts: XentOptions) -> tuple:
-    return opts.num_classes, opts.label_smoothing, opts.z_loss, opts.softcap
+    return opts.num_classes, opts.label_smoothing, opts.z_loss, opts.softcap, opts.chunk_bytes
 
 
 def _rows_like(x: torch.Tensor) -> torch.Tensor:
@@ -99,6 +99,7 @@ def _forward_impl(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    chunk_bytes: int | None,
     backend: str,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -109,7 +110,7 @@ def _forward_impl(
     aux = x.new_empty((0,), dtype=torch.float32)
     if x.shape[0] == 0:
         return _rows_like(x), _rows_like(x), aux
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
@@ -128,7 +129,7 @@ _forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forwar
 
 
 @_forward_op.register_fake
-def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
+def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, backend, need_grad):
     aux = x.new_empty((_aux_size(x, w, targets, backend, need_grad),), dtype=torch.float32)
     return _rows_like(x), _rows_like(x), aux
 
@@ -146,6 +147,7 @@ def _backward_impl(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    chunk_bytes: int | None,
     backend: str,
     need_dx: bool,
     need_dw: bool,
@@ -153,7 +155,7 @@ def _backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``backend.backward`` on flat arguments (``aux`` from the forward): ``(dx_raw, dw, db)``
     in the compute dtype, an empty tensor for each one not needed."""
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
     extra = {"log_p_max": aux} if aux.numel() else {}
     with torch.autocast(x.device.type, enabled=False):
         grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db, **extra)
@@ -165,8 +167,8 @@ _backward_op = torch.library.custom_op("fused_xent::linear_xent_backward", _back
 
 @_backward_op.register_fake
 def _(
-    x, w, b, scale, lse, cp, aux, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_dx, need_dw,
-    need_db,
+    x, w, b, scale, lse, cp, aux, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, backend,
+    need_dx, need_dw, need_db,
 ):  # fmt: skip
     (N, D), C = x.shape, w.shape[0]
 
@@ -196,7 +198,7 @@ def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     dx = dx_raw.mul_(scale).to(x.dtype) if need_x else None  # in place: no second fp32 N x D buffer
     dw = dw.to(w.dtype) if need_w else None
     db = db.to(b.dtype) if need_b else None
-    return dx, dw, db, dscale, *[None] * 7  # targets, options, backend, need_grad
+    return dx, dw, db, dscale, *[None] * 8  # targets, options, backend, need_grad
 
 
 _forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward)
@@ -208,8 +210,8 @@ class _EagerLinearXent(torch.autograd.Function):
     than the whole GPU work of a ViT-21k head; torch.compile traces the custom ops instead."""
 
     @staticmethod
-    def forward(ctx, x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad):
-        inputs = (x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, backend, need_grad)
+    def forward(ctx, x, w, b, scale, targets, *args):
+        inputs = (x, w, b, scale, targets, *args)  # the options, the backend's name, need_grad
         output = _forward_impl(*inputs)
         _setup_forward(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2])
@@ -236,6 +238,7 @@ def _fast_impl(
     label_smoothing: float,
     z_loss: float,
     softcap: float | None,
+    chunk_bytes: int | None,
     reduction: str,
     rows: int,
     scale_is_one: bool,
@@ -248,7 +251,7 @@ def _fast_impl(
     gradients of the loss (empty tensors for those not needed), each in its input's dtype."""
     from fused_xent.kernels.row_chunked import row_chunked_loss_grads
 
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
     denominator = rt.row_weight.sum() if reduction == "mean" else None
     g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
@@ -267,7 +270,10 @@ _fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, m
 
 
 @_fast_op.register_fake
-def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, reduction, rows, scale_is_one, *needs):
+def _(
+    x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, reduction, rows, scale_is_one,
+    *needs,
+):  # fmt: skip
     need_dx, need_dw, need_db, need_ds = needs
 
     def out(needed: bool, like: torch.Tensor | None, *shape: int) -> torch.Tensor:
@@ -284,7 +290,7 @@ def _fast_setup(ctx, inputs, output):
 
 def _fast_backward(ctx, g_loss, g_lse, *_):
     """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss."""
-    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 12
+    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 13
 
 
 _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
@@ -305,7 +311,7 @@ class _EagerFast(torch.autograd.Function):
     def backward(ctx, g_loss, _):
         grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
         ctx.grads = None
-        return *grads, *[None] * 12
+        return *grads, *[None] * 13
 
 
 def _fast_loss(x, w, b, scale, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -391,6 +397,9 @@ def linear_cross_entropy(
             ``torch.use_deterministic_algorithms(True)``.
         memory_budget: bytes of device memory beyond the gradients "auto" may use to run
             "fast" (default: ``set_memory_budget``'s, a sixteenth of the device's memory).
+            A budget set by the user (here or by ``set_memory_budget``) also sizes the logit
+            chunk of "lean" and "filtered": what it leaves beside their fp32 dX (wider chunks,
+            fewer launches; without one they hold a 64 MiB chunk).
 
     Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
     autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.
@@ -438,7 +447,10 @@ def linear_cross_entropy(
     wide = reference.compute_dtype(x.dtype)
     scale_t = _check_scale(scale, x.device, wide)
 
-    opts = XentOptions(num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap)
+    opts = XentOptions(
+        num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
+        chunk_bytes=_lean_chunk_bytes(memory_budget, x),
+    )  # fmt: skip
     rt = build_row_targets(
         t,
         target2=t2,
@@ -517,6 +529,24 @@ def _budget(memory_budget: int | None, device: torch.device) -> int:
     if index not in _DEVICE_MEMORY:
         _DEVICE_MEMORY[index] = torch.cuda.get_device_properties(index).total_memory
     return _DEVICE_MEMORY[index] // 16
+
+
+#: What an explicit memory budget leaves unused beside the lean strategy's chunk and fp32 dX:
+#: the O(N + C) statistics, bounds and partial sums, and the allocator's rounding.
+LEAN_SLACK_BYTES = 16 * 2**20
+#: The smallest chunk a memory budget gives them.
+MIN_LEAN_CHUNK_BYTES = 2**20
+
+
+def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor) -> int | None:
+    """The class-chunked strategies' logit chunk under a memory budget set by the user (the
+    call's, else ``set_memory_budget``'s): what it leaves beside the fp32 dX accumulator and
+    ``LEAN_SLACK_BYTES``, at least ``MIN_LEAN_CHUNK_BYTES``. None without one: the backends'
+    default chunk."""
+    budget = memory_budget if memory_budget is not None else _MEMORY_BUDGET
+    if budget is None:
+        return None
+    return max(MIN_LEAN_CHUNK_BYTES, budget - 4 * x.numel() - LEAN_SLACK_BYTES)
 
 
 #: Total memory per CUDA device index, read once.

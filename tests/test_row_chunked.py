@@ -159,3 +159,39 @@ def test_auto_takes_fast_only_where_it_fits_and_pays(monkeypatch):
     assert rows(6 * 2**30, need_grad=False) is None  # evaluation streams instead
     assert rows(2**30, impl="fast") == row_chunked.MIN_FAST_ROWS  # asked for: the smallest chunks
     assert functional._fast_rows("lean", lean, x, w, "mean", False, True, 6 * 2**30) is None
+
+
+@pytest.mark.parametrize("impl", ["lean", "filtered"])
+def test_memory_budget_sizes_the_lean_chunk(monkeypatch, impl):
+    """A budget the user sets gives "lean" and "filtered" a chunk of what it leaves beside the
+    fp32 dX (here 256 fp32 columns: three chunks of 600 classes); without one they keep the
+    default chunk. The result is the one-chunk result up to summation order."""
+    from fused_xent import functional
+    from fused_xent.kernels import class_chunked
+
+    monkeypatch.setattr(functional, "LEAN_SLACK_BYTES", 0)
+    monkeypatch.setattr(functional, "MIN_LEAN_CHUNK_BYTES", 0)
+    sizes, chunk = [], class_chunked._chunk
+
+    def spy(x, C, nbytes=None):
+        sizes.append(nbytes)
+        return chunk(x, C, nbytes)
+
+    monkeypatch.setattr(class_chunked, "_chunk", spy)
+    N, D, C = 8, 16, 600
+    x, w, _, y, _ = make_problem(N, D, C, torch.float32, seed=3)
+    budget = 4 * N * D + 256 * N * 4
+    results = []
+    for memory_budget in (None, budget):
+        sizes.clear()
+        xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+        loss = linear_cross_entropy(xs, ws, y, impl=impl, memory_budget=memory_budget)
+        loss.backward()
+        results.append((loss.detach(), xs.grad, ws.grad))
+        if memory_budget is None:
+            assert sizes[0] is None
+        else:
+            assert sizes[0] == 256 * N * 4  # the forward's chunk: 256 columns
+            assert class_chunked._chunk_cols(x, C, sizes[0]) == 256
+    for one, three in zip(*results, strict=True):
+        torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-7)

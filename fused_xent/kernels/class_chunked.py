@@ -296,7 +296,7 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     lin = torch.zeros(N, device=x.device)
     if N == 0:
         return m, lin, None
-    buf = _chunk(x, C, chunk_bytes)
+    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
@@ -425,7 +425,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     N, D = x.shape
     C = w.shape[0]
     keep = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
-    ranges = _chunk_ranges(C, _chunk_cols(x, C))  # the forward's chunks
+    ranges = _chunk_ranges(C, _chunk_cols(x, C, opts.chunk_bytes))  # the forward's chunks
     ends = torch.tensor([c1 for _, c1 in ranges], device=x.device)
     counts = torch.diff(keep.cumsum(0)[ends - 1], prepend=ends.new_zeros(1)).tolist()
     whole, gathered = [], 0
@@ -440,7 +440,8 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     cols = keep.nonzero().squeeze(1) if gathered else None
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = torch.zeros_like(w) if need_dw else None
-    buf = _chunk(x, C, CHUNK_BYTES // 2)  # half: the gathered W rows and their dW come on top
+    # half: the gathered W rows and their dW come on top
+    buf = _chunk(x, C, (opts.chunk_bytes or CHUNK_BYTES) // 2)
     kargs = _kernel_args(b, rt_g, opts)
     for k0, k1, idx in _bounded_pieces(whole, cols, buf.shape[1]):
         w_k = w[k0:k1] if idx is None else w.index_select(0, idx)
@@ -462,7 +463,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
     if N == 0:
         return dx, dw, db
-    bufs = [_chunk(x, C) for _ in range(2 if filtering else 1)]
+    bufs = [_chunk(x, C, opts.chunk_bytes) for _ in range(2 if filtering else 1)]
     cc = bufs[0].shape[1]
     kargs = _kernel_args(b, rt_g, opts)
     db_part = torch.empty((triton.cdiv(N, _GRAD_BLOCK_N), cc), device=x.device) if need_db else None
