@@ -44,6 +44,7 @@ class XentOptions:
     z_loss: float = 0.0
     softcap: float | None = None
     chunk_bytes: int | None = None  # the class-chunked backends' logit chunk (None: their default)
+    unit_scale: bool = False  # the scale is known to be 1 (no scale argument): dW needs no scale pass
 
 
 @dataclass(frozen=True)

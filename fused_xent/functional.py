@@ -82,7 +82,7 @@ def _targets_args(rt: RowTargets) -> list[torch.Tensor | None]:
 
 
 def _options_args(opts: XentOptions) -> tuple:
-    return opts.num_classes, opts.label_smoothing, opts.z_loss, opts.softcap, opts.chunk_bytes
+    return opts.num_classes, opts.label_smoothing, opts.z_loss, opts.softcap, opts.chunk_bytes, opts.unit_scale
 
 
 def _rows_like(x: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,7 @@ def _forward_impl(
     z_loss: float,
     softcap: float | None,
     chunk_bytes: int | None,
+    unit_scale: bool,
     backend: str,
     need_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -110,7 +111,7 @@ def _forward_impl(
     aux = x.new_empty((0,), dtype=torch.float32)
     if x.shape[0] == 0:
         return _rows_like(x), _rows_like(x), aux
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
@@ -129,7 +130,8 @@ _forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forwar
 
 
 @_forward_op.register_fake
-def _(x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, backend, need_grad):
+def _(x, w, b, scale, targets, *options_backend_need_grad):
+    *_, backend, need_grad = options_backend_need_grad
     aux = x.new_empty((_aux_size(x, w, targets, backend, need_grad),), dtype=torch.float32)
     return _rows_like(x), _rows_like(x), aux
 
@@ -148,6 +150,7 @@ def _backward_impl(
     z_loss: float,
     softcap: float | None,
     chunk_bytes: int | None,
+    unit_scale: bool,
     backend: str,
     need_dx: bool,
     need_dw: bool,
@@ -155,7 +158,7 @@ def _backward_impl(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``backend.backward`` on flat arguments (``aux`` from the forward): ``(dx_raw, dw, db)``
     in the compute dtype, an empty tensor for each one not needed."""
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     extra = {"log_p_max": aux} if aux.numel() else {}
     with torch.autocast(x.device.type, enabled=False):
         grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db, **extra)
@@ -167,8 +170,8 @@ _backward_op = torch.library.custom_op("fused_xent::linear_xent_backward", _back
 
 @_backward_op.register_fake
 def _(
-    x, w, b, scale, lse, cp, aux, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, backend,
-    need_dx, need_dw, need_db,
+    x, w, b, scale, lse, cp, aux, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale,
+    backend, need_dx, need_dw, need_db,
 ):  # fmt: skip
     (N, D), C = x.shape, w.shape[0]
 
@@ -198,7 +201,7 @@ def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     dx = dx_raw.mul_(scale).to(x.dtype) if need_x else None  # in place: no second fp32 N x D buffer
     dw = dw.to(w.dtype) if need_w else None
     db = db.to(b.dtype) if need_b else None
-    return dx, dw, db, dscale, *[None] * 8  # targets, options, backend, need_grad
+    return dx, dw, db, dscale, *[None] * 9  # targets, options, backend, need_grad
 
 
 _forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward)
@@ -239,6 +242,7 @@ def _fast_impl(
     z_loss: float,
     softcap: float | None,
     chunk_bytes: int | None,
+    unit_scale: bool,
     reduction: str,
     rows: int,
     scale_is_one: bool,
@@ -251,7 +255,7 @@ def _fast_impl(
     gradients of the loss (empty tensors for those not needed), each in its input's dtype."""
     from fused_xent.kernels.row_chunked import row_chunked_loss_grads
 
-    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes)
+    rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     denominator = rt.row_weight.sum() if reduction == "mean" else None
     g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
@@ -271,8 +275,8 @@ _fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, m
 
 @_fast_op.register_fake
 def _(
-    x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, reduction, rows, scale_is_one,
-    *needs,
+    x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale, reduction, rows,
+    scale_is_one, *needs,
 ):  # fmt: skip
     need_dx, need_dw, need_db, need_ds = needs
 
@@ -290,7 +294,7 @@ def _fast_setup(ctx, inputs, output):
 
 def _fast_backward(ctx, g_loss, g_lse, *_):
     """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss."""
-    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 13
+    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 14
 
 
 _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
@@ -311,7 +315,7 @@ class _EagerFast(torch.autograd.Function):
     def backward(ctx, g_loss, _):
         grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
         ctx.grads = None
-        return *grads, *[None] * 13
+        return *grads, *[None] * 14
 
 
 def _fast_loss(x, w, b, scale, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -449,7 +453,7 @@ def linear_cross_entropy(
 
     opts = XentOptions(
         num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
-        chunk_bytes=_lean_chunk_bytes(memory_budget, x),
+        chunk_bytes=_lean_chunk_bytes(memory_budget, x, unit_scale=scale is None), unit_scale=scale is None,
     )  # fmt: skip
     rt = build_row_targets(
         t,
@@ -538,15 +542,20 @@ LEAN_SLACK_BYTES = 16 * 2**20
 MIN_LEAN_CHUNK_BYTES = 2**20
 
 
-def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor) -> int | None:
+def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor, unit_scale: bool) -> int | None:
     """The class-chunked strategies' logit chunk under a memory budget set by the user (the
-    call's, else ``set_memory_budget``'s): what it leaves beside the fp32 dX accumulator and
-    ``LEAN_SLACK_BYTES``, at least ``MIN_LEAN_CHUNK_BYTES``. None without one: the backends'
-    default chunk."""
+    call's, else ``set_memory_budget``'s), at least ``MIN_LEAN_CHUNK_BYTES``; None without one
+    (the backends' default chunk). Their workspace beside the gradients: the fp32 dX
+    accumulator, ``LEAN_SLACK_BYTES`` and, per class of the chunk, its N logits (bf16 for bf16
+    input, else fp32) and, unless the scale is 1, its fp32 row of dW before the scale."""
     budget = memory_budget if memory_budget is not None else _MEMORY_BUDGET
     if budget is None:
         return None
-    return max(MIN_LEAN_CHUNK_BYTES, budget - 4 * x.numel() - LEAN_SLACK_BYTES)
+    N, D = x.shape
+    logit_bytes = N * (2 if x.dtype == torch.bfloat16 else 4)
+    per_class = logit_bytes + (0 if unit_scale else 4 * D)
+    classes = (budget - 4 * N * D - LEAN_SLACK_BYTES) // per_class
+    return max(MIN_LEAN_CHUNK_BYTES, classes * logit_bytes)
 
 
 #: Total memory per CUDA device index, read once.

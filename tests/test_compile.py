@@ -230,18 +230,18 @@ def test_custom_ops_pass_opcheck(need):
         opts=fused_xent.formulation.XentOptions(num_classes=9, label_smoothing=0.1),
     )
     targets = fused_xent.functional._targets_args(rt)
-    fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, None, "chunked", True)
+    fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, None, False, "chunked", True)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, fwd_args)
-    filtered_args = (*fwd_args[:-3], 2**20, "filtered", True)  # a third output: the per-class bound
+    filtered_args = (*fwd_args[:-4], 2**20, True, "filtered", True)  # a third output: the per-class bound
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, filtered_args)
     lse = torch.logsumexp(x @ w.detach().T + b.detach(), -1).detach()
     aux = torch.empty(0)
-    options = (9, 0.1, 0.0, None, None)  # classes, smoothing, z-loss, softcap, chunk bytes
+    options = (9, 0.1, 0.0, None, None, False)  # classes, smoothing, z-loss, softcap, chunk bytes, unit scale
     bwd_args = (x.detach(), w.detach(), b.detach(), s.detach(), lse, torch.rand(5), aux, targets, *options)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", True, True, True))
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", False, True, False))
     needs = [t.requires_grad for t in (x, w, b, s)]
-    fast_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, None, "mean", 5, False, *needs)
+    fast_args = (x, w, b, s, targets, *options, "mean", 5, False, *needs)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_fast.default, fast_args)
 
 

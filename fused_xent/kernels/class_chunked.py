@@ -425,6 +425,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     N, D = x.shape
     C = w.shape[0]
     keep = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
+    dw_scale = None if opts.unit_scale else scale
     ranges = _chunk_ranges(C, _chunk_cols(x, C, opts.chunk_bytes))  # the forward's chunks
     ends = torch.tensor([c1 for _, c1 in ranges], device=x.device)
     counts = torch.diff(keep.cumsum(0)[ends - 1], prepend=ends.new_zeros(1)).tolist()
@@ -447,9 +448,9 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
         w_k = w[k0:k1] if idx is None else w.index_select(0, idx)
         du = _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, k0, cols=idx)
         if idx is None:
-            _dense_chunk_grads(x, w_k, du, scale, dx, dw[k0:k1] if need_dw else None)
+            _dense_chunk_grads(x, w_k, du, dw_scale, dx, dw[k0:k1] if need_dw else None)
         else:
-            _gathered_chunk_grads(x, w_k, du, scale, dx, dw, idx)
+            _gathered_chunk_grads(x, w_k, du, dw_scale, dx, dw, idx)
     return dx, dw, None
 
 
@@ -458,6 +459,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     N, D = x.shape
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
+    dw_scale = None if opts.unit_scale else scale
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if need_dw else None
     db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
@@ -481,7 +483,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
         if not filtering:
-            _dense_chunk_grads(x, w[c0:c1], du, scale, dx, dw[c0:c1] if need_dw else None)
+            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None)
             continue
         # flagged classes first, each part in ascending order; the count goes to the host
         order = torch.sort(keep[:width], descending=True, stable=True).indices
@@ -489,10 +491,10 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         if x.is_cuda:
             events[i % 2].record()
         if pending is not None:
-            _finish_filtered(x, w, scale, dx, dw, counts, *pending)
+            _finish_filtered(x, w, dw_scale, dx, dw, counts, *pending)
         pending = (c0, c1, du, order, i % 2, events[i % 2])
     if pending is not None:
-        _finish_filtered(x, w, scale, dx, dw, counts, *pending)
+        _finish_filtered(x, w, dw_scale, dx, dw, counts, *pending)
     return dx, dw, db
 
 
@@ -538,8 +540,11 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
 
 
 def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
-    """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns."""
-    if dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding to w's dtype
+    """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns; ``scale`` None
+    when it is known to be 1."""
+    if dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
+        torch.mm(du.T, x, out=dw_chunk)
+    elif dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding
         torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
     if dx is not None:
         _addmm_fp32(dx, du, w_chunk)
@@ -551,7 +556,8 @@ def _gathered_chunk_grads(x, w_k, du, scale, dx, dw, cols):
     if dw is not None:
         # index_put_ (unique rows) has a deterministic CUDA path; index_copy_ alerts under
         # torch.use_deterministic_algorithms
-        dw.index_put_((cols,), (_mm_fp32(du.T, x) * scale).to(dw.dtype))
+        rows = torch.mm(du.T, x) if scale is None else (_mm_fp32(du.T, x) * scale).to(dw.dtype)
+        dw.index_put_((cols,), rows)
     if dx is not None:
         _addmm_fp32(dx, du, w_k)
 
