@@ -453,7 +453,8 @@ def linear_cross_entropy(
 
     opts = XentOptions(
         num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
-        chunk_bytes=_lean_chunk_bytes(memory_budget, x, unit_scale=scale is None), unit_scale=scale is None,
+        chunk_bytes=_lean_chunk_bytes(memory_budget, x, scale is None, b is not None and b.requires_grad),
+        unit_scale=scale is None,
     )  # fmt: skip
     rt = build_row_targets(
         t,
@@ -537,24 +538,28 @@ def _budget(memory_budget: int | None, device: torch.device) -> int:
 
 #: What an explicit memory budget leaves unused beside the lean strategy's chunk and fp32 dX:
 #: the O(N + C) statistics, bounds and partial sums, and the allocator's rounding.
-LEAN_SLACK_BYTES = 16 * 2**20
+LEAN_SLACK_BYTES = 8 * 2**20
 #: The smallest chunk a memory budget gives them.
 MIN_LEAN_CHUNK_BYTES = 2**20
 
 
-def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor, unit_scale: bool) -> int | None:
+def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor, unit_scale: bool, bias_grad: bool) -> int | None:
     """The class-chunked strategies' logit chunk under a memory budget set by the user (the
     call's, else ``set_memory_budget``'s), at least ``MIN_LEAN_CHUNK_BYTES``; None without one
-    (the backends' default chunk). Their workspace beside the gradients: the fp32 dX
-    accumulator, ``LEAN_SLACK_BYTES`` and, per class of the chunk, its N logits (bf16 for bf16
-    input, else fp32) and, unless the scale is 1, its fp32 row of dW before the scale."""
+    (the backends' default chunk).
+
+    While the chunks run, their workspace beside dW is the fp32 dX accumulator (dX itself comes
+    after the last chunk, so its bytes count towards the budget), ``LEAN_SLACK_BYTES`` and, per
+    class of the chunk: its N logits (bf16 for bf16 input, else fp32), its fp32 row of dW before
+    the scale unless the scale is 1, and its fp32 bias partials (one per 16 rows) when the
+    bias needs a gradient."""
     budget = memory_budget if memory_budget is not None else _MEMORY_BUDGET
     if budget is None:
         return None
     N, D = x.shape
     logit_bytes = N * (2 if x.dtype == torch.bfloat16 else 4)
-    per_class = logit_bytes + (0 if unit_scale else 4 * D)
-    classes = (budget - 4 * N * D - LEAN_SLACK_BYTES) // per_class
+    per_class = logit_bytes + (0 if unit_scale else 4 * D) + (4 * -(-N // 16) if bias_grad else 0)
+    classes = (budget + N * D * x.element_size() - 4 * N * D - LEAN_SLACK_BYTES) // per_class
     return max(MIN_LEAN_CHUNK_BYTES, classes * logit_bytes)
 
 
