@@ -19,8 +19,9 @@ order, so the results are bitwise reproducible.
 
 The filtered mode (``impl="filtered"``) skips classes whose gradient stays below the dtype's
 resolution on every row. Its forward (``class_chunked_forward_bounded``) also bounds each
-class's probability over all rows (``chunk_col_max_kernel``: ``max_i z_ij - lse_i`` against
-the lse of the chunks before, corrected by the rows' smallest lse gain since), so its backward
+class's probability over all rows (the column programs of ``chunk_stats_kernel``:
+``max_i z_ij - lse_i`` against the lse of the chunks before, corrected by the rows' smallest
+lse gain since), so its backward
 (``_backward_bounded``) recomputes and differentiates only the classes the bound keeps,
 gathered into dense cuBLAS GEMMs. With a bias gradient (db must see every class) the
 backward recomputes every chunk and the grad kernel flags the classes with a significant
@@ -36,8 +37,9 @@ from fused_xent.kernels.config import target_programs
 from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args, target_tile
 
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
+#: The column-max programs share the stats programs' launch, so their warps too.
 STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
-COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, num_warps=4, rows_per_program=None)
+COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, rows_per_program=None)
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
@@ -56,67 +58,66 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 @triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB,
-    N, Cc, c0, stride_tn, stride_tc, softcap,
+    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
+    N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, BOUND: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, STORE_LSE: tl.constexpr,
+    COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, COL_BLOCK_N: tl.constexpr,
+    COL_BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """Fold z of one chunk into the running row stats (m, s, lin).
+    """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
+    chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows; with
+    ``STORE_LSE`` they also store each row's lse so far, ``LB_next = m + log(s)``, for the
+    next chunk's bound.
 
-    With ``BOUND`` it also stores each row's lse over the chunks before this one,
-    ``LB[i] = m + log(s)`` on entry, for ``chunk_col_max_kernel``."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    With ``COL_MAX`` the launch has ``n_col_blocks`` x (row groups) more programs: program
+    (j, g) bounds column block j over rows ``[g * rows_per_program, ...)``,
+    ``ColMax[c0 + j] = max(ColMax[c0 + j], max_i (z_ij - LB[i]))`` with ``LB`` the rows' lse
+    over the chunks before this one (stored by the previous chunk's launch; NaN counts as
+    +inf). It keeps an elementwise maximum over its row tiles and reduces across rows once at
+    the end (the same reduction in every tile of the row programs made them ~5x slower); the
+    programs of one column block meet in an order-free atomic maximum. Both kinds of program
+    read the same chunk in one launch: one host launch per chunk instead of two."""
+    pid = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
-    m = tl.load(M + rows, mask=row_mask, other=0.0)
-    s = tl.load(S + rows, mask=row_mask, other=0.0)
-    lin = tl.load(L + rows, mask=row_mask, other=0.0)
-    if BOUND:
-        lse_before = m + tl.log(s)
-        tl.store(LB + rows, lse_before, mask=row_mask)
-    for j0 in range(0, Cc, BLOCK_C):
-        local = j0 + tl.arange(0, BLOCK_C)
+    if pid < n_row_blocks:
+        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_mask = rows < N
+        m = tl.load(M + rows, mask=row_mask, other=0.0)
+        s = tl.load(S + rows, mask=row_mask, other=0.0)
+        lin = tl.load(L + rows, mask=row_mask, other=0.0)
+        for j0 in range(0, Cc, BLOCK_C):
+            local = j0 + tl.arange(0, BLOCK_C)
+            col_mask = local < Cc
+            cols = c0 + local
+            r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+            tt = z  # unused unless NEED_LIN
+            if NEED_LIN:
+                tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn,
+                                 stride_tc, HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+            m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
+        tl.store(M + rows, m, mask=row_mask)
+        tl.store(S + rows, s, mask=row_mask)
+        tl.store(L + rows, lin, mask=row_mask)
+        if STORE_LSE:
+            tl.store(LB_next + rows, m + tl.log(s), mask=row_mask)
+    elif COL_MAX:
+        q = pid - n_row_blocks
+        local = (q % n_col_blocks) * COL_BLOCK_C + tl.arange(0, COL_BLOCK_C)
         col_mask = local < Cc
         cols = c0 + local
-        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
-        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        tt = z  # unused unless NEED_LIN
-        if NEED_LIN:
-            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
-                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-        m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
-    tl.store(M + rows, m, mask=row_mask)
-    tl.store(S + rows, s, mask=row_mask)
-    tl.store(L + rows, lin, mask=row_mask)
-
-
-@triton.jit
-def chunk_col_max_kernel(
-    R, stride_rn, Bias, Scale, LB, ColMax, N, Cc, c0, rows_per_program, softcap,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    """``ColMax[c0 + j] = max(ColMax[c0 + j], max_i (z_ij - LB[i]))`` over rows
-    ``[program_id(1) * rows_per_program, ...)`` of one chunk (NaN counts as +inf).
-
-    Program (j, i) keeps an elementwise maximum over its row tiles and reduces across rows
-    once at the end: the same reduction in every tile of the row-owning stats kernel made it
-    ~5x slower. The programs of one column block meet in an order-free atomic maximum."""
-    local = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = local < Cc
-    cols = c0 + local
-    scale = tl.load(Scale).to(tl.float32)
-    acc = tl.full([BLOCK_N, BLOCK_C], float("-inf"), tl.float32)
-    r_start = tl.program_id(1).to(tl.int64) * rows_per_program
-    for r0 in range(r_start, tl.minimum(r_start + rows_per_program, N), BLOCK_N):
-        rows = r0 + tl.arange(0, BLOCK_N)
-        row_mask = rows < N
-        mask = row_mask[:, None] & col_mask[None, :]
-        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
-        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        v = z - tl.load(LB + rows, mask=row_mask, other=0.0)[:, None]
-        acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
-    tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
+        acc = tl.full([COL_BLOCK_N, COL_BLOCK_C], float("-inf"), tl.float32)
+        r_start = (q // n_col_blocks).to(tl.int64) * rows_per_program
+        for r0 in range(r_start, tl.minimum(r_start + rows_per_program, N), COL_BLOCK_N):
+            rows = r0 + tl.arange(0, COL_BLOCK_N)
+            row_mask = rows < N
+            mask = row_mask[:, None] & col_mask[None, :]
+            r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+            z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+            v = z - tl.load(LB + rows, mask=row_mask, other=0.0)[:, None]
+            acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
+        tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
 
 
 @triton.jit
@@ -301,31 +302,30 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts)
     stats_tile = dict(STATS_TILE)
-    block_n = stats_tile["BLOCK_N"]
+    n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
+    col_tile = dict(COL_MAX_TILE)
+    rows_per_program = col_tile.pop("rows_per_program")
+    tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
     if bound:
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
         lse_before = torch.empty((len(ranges), N), device=x.device)
-        col_tile = dict(COL_MAX_TILE)
-        rows_per_program = col_tile.pop("rows_per_program")
-        tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
         if rows_per_program is None:  # a few waves of programs over the column blocks
             splits = max(1, min(triton.cdiv(N, tile_n), target_programs(x.device) // triton.cdiv(cc, tile_c)))
             rows_per_program = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
-        chunk_stats_kernel[(triton.cdiv(N, block_n),)](
+        col_max_now = bound and k > 0  # the first chunk's bound is +inf
+        n_col_blocks = triton.cdiv(c1 - c0, tile_c)
+        grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
+        chunk_stats_kernel[(grid,)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
-            lse_before[k] if bound else m, N, c1 - c0, c0, *t_strides,
-            opts.softcap or 1.0, NEED_LIN=need_lin, BOUND=bound and k > 0, **flags, **stats_tile,
+            lse_before[k + 1] if bound and k + 1 < len(ranges) else m, lse_before[k] if col_max_now else m,
+            col_max if bound else m, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
+            rows_per_program or 0, NEED_LIN=need_lin, STORE_LSE=bound and k + 1 < len(ranges), COL_MAX=col_max_now,
+            **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
-        if bound and k > 0:
-            chunk_col_max_kernel[(triton.cdiv(c1 - c0, tile_c), triton.cdiv(N, rows_per_program))](
-                raw, raw.stride(0), b if b is not None else x, scale, lse_before[k], col_max, N, c1 - c0, c0,
-                rows_per_program, opts.softcap or 1.0, HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None,
-                **col_tile,
-            )  # fmt: skip
     lse = m + torch.log(s)
     if not bound:
         return lse, lin, None
