@@ -144,3 +144,32 @@ def test_filtered_bounded_at_gemma2_size():
     assert rel_err(bounded[0], lean[0]) < 1e-6
     for got, alt, r in zip(bounded[1:], recomputed[1:], ref[1:], strict=True):
         assert rel_err(got, r) <= 1.01 * rel_err(alt, r), (rel_err(got, r), rel_err(alt, r))
+
+
+@pytest.mark.parametrize("impl", ["lean", "filtered"])
+def test_memory_budget_bounds_lean_at_1m_classes(impl):
+    """SPEC's lean memory at the 1M-class head (1100 MiB with the gradients): a budget of what
+    that leaves beside the gradients gives "lean" / "filtered" a chunk that keeps the peak
+    within it, and the same loss and gradients as the default 64 MiB chunk (up to the order of
+    the fp32 dX sums)."""
+    N, D, C = 4096, 512, 1_000_000
+    x, w, _, y = _problem(N, D, C, torch.bfloat16, seed=5)
+    budget = 1100 * 2**20 - (N + C) * D * 2
+
+    def run(memory_budget):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        loss = linear_cross_entropy(*leaves, y, impl=impl, memory_budget=memory_budget)
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        return peak, [loss.detach().float()] + [t.grad.float() for t in leaves]
+
+    run(budget)  # warm-up: compilation, cuBLAS workspaces
+    peak, got = run(budget)
+    _, want = run(None)
+    assert peak <= 1100 * 2**20, peak / 2**20
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 2e-3, rel_err(a, b)
