@@ -1,6 +1,7 @@
-"""Launch configurations of the class-chunked forward's kernels (H100): the training forward
-of ``impl="filtered"`` (stats + column-max kernels, the GEMMs unchanged) timed per
-configuration on the bench cases. ``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
+"""Launch configurations of the class-chunked forward's kernel (H100): the lean training forward
+per stats tile, and the bounded one of ``impl="filtered"`` (the stats kernel with its column-max
+programs, the GEMMs unchanged) per column tile, at the chunk of the bench's lean rows.
+``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
 
 import itertools
 import sys
