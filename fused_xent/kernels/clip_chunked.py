@@ -294,14 +294,11 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     dy = torch.empty_like(y)
     dy_acc = torch.empty((cc, D), device=x.device)
     dx_acc = torch.empty((B, D), device=x.device)
-    main, side = _streams(x.device)
     for c0, c1 in _chunk_ranges(B, cc):
         width = c1 - c0
         for r0 in range(0, B, tile_rows):
             n_rows = min(tile_rows, B - r0)
             raw = buf[:n_rows, :width]
-            if side is not None:  # the last tile's dY GEMM has read the buffer
-                main.wait_stream(side)
             _raw_products(x[r0 : r0 + n_rows], y[c0:c1], raw)
             # fp16 dz over fp32 R: the same byte pitch holds twice the elements
             dz = raw if in_place else buf.view(x.dtype).as_strided((n_rows, width), (2 * cc, 1))
@@ -313,16 +310,9 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
                 n_rows, r0, width, c0, cols_per_program,
                 EVEN=n_rows % block_n == 0 and width % block_c == 0, **blocks,
             )  # fmt: skip
-            if side is None:
-                _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
-            else:  # beside the dX GEMM: the two fill each other's idle multiprocessors
-                side.wait_stream(main)
-                with torch.cuda.stream(side):
-                    _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
+            _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
             # the first chunk sets the accumulator: no zero-fill pass over it
             _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
-        if side is not None:
-            main.wait_stream(side)
         # one rounding to y's dtype, after the fp16 factor
         _finish(dy_acc[:width], post, dy[c0:c1])
     del buf, raw, dz, dy_acc  # before dX exists: the peak stays at dY + fp32 dX + one tile
@@ -332,22 +322,6 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
         dx = torch.empty_like(x)
         _finish(dx_acc, post, dx)
     return dx, dy, (ds_part.sum() / out_scale).reshape(1)
-
-
-#: Whether the backward runs each tile's dY GEMM on a second CUDA stream, beside its dX GEMM.
-SIDE_STREAM = True
-#: The second stream per device, made once.
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
-def _streams(device: torch.device):
-    """``(current stream, side stream)`` on CUDA with ``SIDE_STREAM``, else ``(None, None)``."""
-    if device.type != "cuda" or not SIDE_STREAM:
-        return None, None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(device=index)
-    return torch.cuda.current_stream(index), _SIDE_STREAMS[index]
 
 
 def _finish(acc: torch.Tensor, post, out: torch.Tensor) -> None:
