@@ -38,9 +38,9 @@ from fused_xent.kernels.class_chunked import (
 #: ~700 TFLOP/s that pays from ~930 rows. H100: fast beat lean at 1408 rows per chunk (Gemma 2,
 #: 61.6 vs 67.4 ms) and lost at 512 (1M classes, 52.5 vs 44.2 ms).
 MIN_FAST_ROWS = 1024
-#: Tile (rows, classes, warps) of the one kernel between the GEMMs on CUDA; a program owns
-#: whole rows (two passes over them). The interpreter takes smaller tiles.
-GPU_TILE = (4, 1024, 8)
+#: Tile (rows, classes) of the one kernel between the GEMMs on CUDA; a program owns whole
+#: rows (two passes over them). The interpreter takes smaller tiles.
+_GPU_TILE = (4, 1024)
 
 
 def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int) -> int:
@@ -145,7 +145,7 @@ def row_chunked_loss_grads(
     elif need_dw:
         dw_parts = [(dw[c0:c1], c0, c1) for c0, c1 in spans]
     softcap = opts.softcap or 1.0
-    tile_n, tile_c, warps = GPU_TILE if dev.type == "cuda" else (16, 256, 4)
+    tile_n, tile_c = _GPU_TILE if dev.type == "cuda" else (16, 256)
     for r0 in range(0, N, rows):
         r1 = min(r0 + rows, N)
         n, xs = r1 - r0, x if whole else x[r0:r1]
@@ -163,7 +163,7 @@ def row_chunked_loss_grads(
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, lse_c,
             lse_c, 0, lse_c, lse_c, loss_c, rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
             COMPUTE_DB=False, FILTER=False, WITH_STATS=True, GATHERED=False,
-            **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=warps,
+            **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=8,
         )  # fmt: skip
         if need_db:
             db += du.sum(0, dtype=torch.float32)
