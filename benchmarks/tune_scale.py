@@ -1,7 +1,7 @@
 """The fast backward's in-place scaling of the stored gradients on the H100: ``Tensor.mul_`` by a
 device scalar against ``row_chunked.scale_in_place``'s Triton pass, alone on a Gemma-2-sized dW
 and inside fw + bw of ``impl="fast"`` on the bench cases (one chunk, and SPEC's budget for
-Gemma 2), the two alternated four times; do_bench medians, gradients compared bitwise.
+Gemma 2); do_bench medians, gradients compared bitwise.
 
     PYTHONPATH=. python benchmarks/tune_scale.py [case ...]
 """
@@ -16,7 +16,7 @@ from fused_xent.bench import CASES, fast_budget, make_inputs
 from fused_xent.kernels import row_chunked
 
 DEFAULT = row_chunked.MIN_TRITON_SCALE
-MODES = (("mul_", 2**62), ("triton", DEFAULT)) * 4
+MODES = (("mul_", 2**62), ("triton", DEFAULT), ("mul_ again", 2**62), ("triton again", DEFAULT))
 
 
 def alone() -> None:
