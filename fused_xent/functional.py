@@ -313,12 +313,7 @@ class _EagerFast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _):
-        from fused_xent.kernels.row_chunked import scale_in_place
-
-        grads = tuple(g if g.numel() else None for g in ctx.grads)
-        for g in grads:
-            if g is not None:
-                scale_in_place(g, g_loss)
+        grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
         ctx.grads = None
         return *grads, *[None] * 14
 

@@ -177,17 +177,3 @@ def test_memory_budget_bounds_lean_at_1m_classes(impl):
     tol = 2e-3 if impl == "lean" else 1e-1
     for a, b in zip(got[1:], want[1:], strict=True):
         assert rel_err(a, b) < tol, rel_err(a, b)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_scale_in_place_equals_mul(dtype):
-    """The fast backward's Triton scaling of the stored gradients rounds as ``Tensor.mul_``
-    does (fp32 product, one rounding), over a size with a partial last block."""
-    from fused_xent.kernels.row_chunked import MIN_TRITON_SCALE, scale_in_place
-
-    g = torch.Generator(device="cuda").manual_seed(3)
-    t = torch.randn(MIN_TRITON_SCALE + 12345, device="cuda", generator=g).to(dtype)
-    factor = torch.tensor(0.3712, device="cuda")
-    want = t.clone().mul_(factor)
-    scale_in_place(t, factor)
-    assert torch.equal(t, want)

@@ -22,7 +22,6 @@ With a single chunk of rows there is no accumulator at all. No atomics: determin
 
 import torch
 import triton
-import triton.language as tl
 
 from fused_xent.formulation import RowTargets, XentOptions
 from fused_xent.kernels.class_chunked import (
@@ -197,29 +196,3 @@ def row_chunked_loss_grads(
 def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
     """``[lo, hi)`` split at ``at`` when it falls inside."""
     return [(lo, at), (at, hi)] if lo < at < hi else [(lo, hi)]
-
-
-@triton.jit
-def scale_in_place_kernel(T, Factor, n, BLOCK: tl.constexpr):
-    """``T[k] *= Factor[0]`` (in fp32, rounded once to T's dtype) over the flat T."""
-    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offsets < n
-    factor = tl.load(Factor).to(tl.float32)
-    t = tl.load(T + offsets, mask=mask)
-    tl.store(T + offsets, (t.to(tl.float32) * factor).to(T.dtype.element_ty), mask=mask)
-
-
-#: Fewest elements worth the Triton pass: below, ``Tensor.mul_`` costs the host less.
-MIN_TRITON_SCALE = 2**22
-#: Elements per program of ``scale_in_place_kernel``.
-SCALE_BLOCK = 8192
-
-
-def scale_in_place(t: torch.Tensor, factor: torch.Tensor) -> None:
-    """``t *= factor`` for a 0-d / 1-element ``factor`` on t's device. ``t.mul_(factor)`` reads
-    a device scalar through torch's generic (unvectorised) kernel, ~1 TB/s on the H100; the
-    fast strategy scales dW, as large as the weight, once per step."""
-    if t.is_cuda and t.is_contiguous() and t.numel() >= MIN_TRITON_SCALE:
-        scale_in_place_kernel[(triton.cdiv(t.numel(), SCALE_BLOCK),)](t, factor, t.numel(), BLOCK=SCALE_BLOCK)
-    else:
-        t.mul_(factor)
