@@ -245,7 +245,6 @@ def _fast_impl(
     unit_scale: bool,
     reduction: str,
     rows: int,
-    scale_is_one: bool,
     need_dx: bool,
     need_dw: bool,
     need_db: bool,
@@ -260,7 +259,7 @@ def _fast_impl(
     g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
     with torch.autocast(x.device.type, enabled=False):
         lse, row_losses, dx, dw, db, dscale = row_chunked_loss_grads(
-            x, w, b, scale, rt, opts, g, rows, need_dx, need_dw, need_db, need_ds, scale_is_one
+            x, w, b, scale, rt, opts, g, rows, need_dx, need_dw, need_db, need_ds
         )
     loss = row_losses.sum() if reduction == "sum" else row_losses.sum() / denominator
 
@@ -276,7 +275,7 @@ _fast_op = torch.library.custom_op("fused_xent::linear_xent_fast", _fast_impl, m
 @_fast_op.register_fake
 def _(
     x, w, b, scale, targets, num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale, reduction, rows,
-    scale_is_one, *needs,
+    *needs,
 ):  # fmt: skip
     need_dx, need_dw, need_db, need_ds = needs
 
@@ -294,7 +293,7 @@ def _fast_setup(ctx, inputs, output):
 
 def _fast_backward(ctx, g_loss, g_lse, *_):
     """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss."""
-    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 14
+    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 13
 
 
 _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
@@ -315,7 +314,7 @@ class _EagerFast(torch.autograd.Function):
     def backward(ctx, g_loss, _):
         grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
         ctx.grads = None
-        return *grads, *[None] * 14
+        return *grads, *[None] * 13
 
 
 def _fast_loss(x, w, b, scale, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -469,9 +468,7 @@ def linear_cross_entropy(
     needs = [torch.is_grad_enabled() and p is not None and p.requires_grad for p in (x, w, b, scale_t)]
     fast_rows = _fast_rows(impl, backend, x, w, reduction, return_lse, any(needs), memory_budget)
     if fast_rows is not None:
-        loss, lse = _fast_loss(
-            x, w, b, scale_t, _targets_args(rt), *_options_args(opts), reduction, fast_rows, scale is None, *needs
-        )
+        loss, lse = _fast_loss(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), reduction, fast_rows, *needs)
         return loss
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)

@@ -241,7 +241,7 @@ def test_custom_ops_pass_opcheck(need):
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", True, True, True))
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_backward.default, (*bwd_args, "chunked", False, True, False))
     needs = [t.requires_grad for t in (x, w, b, s)]
-    fast_args = (x, w, b, s, targets, *options, "mean", 5, False, *needs)
+    fast_args = (x, w, b, s, targets, *options, "mean", 5, *needs)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_fast.default, fast_args)
 
 

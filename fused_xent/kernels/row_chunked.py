@@ -108,13 +108,14 @@ def row_chunked_loss_grads(
     need_dw: bool,
     need_db: bool,
     need_ds: bool,
-    scale_is_one: bool = False,
 ):
     """``(lse, loss_rows, dx, dw, db, dscale)`` for the upstream gradient ``g`` (1-element:
     the mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse`` and
     ``loss_rows`` (formulation's row_loss) fp32, ``dx`` and ``dw`` in their inputs' dtypes,
-    ``db`` and ``dscale`` fp32; None for a gradient not needed."""
+    ``db`` and ``dscale`` fp32; None for a gradient not needed. ``opts.unit_scale``: the scale
+    is known to be 1 (dX and dW straight from their GEMMs where nothing else needs them raw)."""
     N, D = x.shape
+    scale_is_one = opts.unit_scale
     C = w.shape[0]
     dev = x.device
     lse = torch.empty(N, device=dev)
