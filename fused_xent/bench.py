@@ -93,20 +93,21 @@ def methods(case: dict, device: str) -> dict:
 
 def fast_budget(case: dict, itemsize: int = 2) -> int | None:
     """The fast mode's memory budget (bytes beyond the gradients) that keeps its peak within
-    the case's ``fast_peak_mib``; None (the default budget) for cases without one."""
-    if "fast_peak_mib" not in case:
-        return None
-    grads = (case["C"] + case["N"]) * case["D"] * itemsize
-    return max(0, case["fast_peak_mib"] * 2**20 - grads - 48 * 2**20)
+    the case's ``fast_peak_mib`` with 48 MiB to spare; None (the default budget) without one."""
+    return _budget(case, "fast_peak_mib", itemsize, 48 * 2**20)
 
 
 def lean_budget(case: dict, itemsize: int = 2) -> int | None:
-    """The memory budget (bytes beyond the gradients) of the lean and filtered modes: the
-    case's ``lean_peak_mib`` less the gradients (they size their chunk from it); None for
-    cases without one."""
-    if "lean_peak_mib" not in case:
+    """The memory budget of the lean and filtered modes: the case's ``lean_peak_mib`` less the
+    gradients (they size their chunk from it, with their own slack); None without one."""
+    return _budget(case, "lean_peak_mib", itemsize, 0)
+
+
+def _budget(case: dict, key: str, itemsize: int, spare: int) -> int | None:
+    if key not in case:
         return None
-    return max(0, case["lean_peak_mib"] * 2**20 - (case["C"] + case["N"]) * case["D"] * itemsize)
+    grads = (case["C"] + case["N"]) * case["D"] * itemsize
+    return max(0, case[key] * 2**20 - grads - spare)
 
 
 def make_inputs(case: dict, device: str, dtype: torch.dtype, seed: int = 0):

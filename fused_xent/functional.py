@@ -452,7 +452,6 @@ def linear_cross_entropy(
 
     opts = XentOptions(
         num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
-        chunk_bytes=_lean_chunk_bytes(memory_budget, x, scale is None, b is not None and b.requires_grad),
         unit_scale=scale is None,
     )  # fmt: skip
     rt = build_row_targets(
@@ -465,6 +464,9 @@ def linear_cross_entropy(
         dtype=wide,
     )
     backend = _choose(impl, x, dense and target.requires_grad)
+    if backend is not None and backend.name in ("class_chunked", "filtered"):
+        chunk_bytes = _lean_chunk_bytes(memory_budget, x, scale is None, b is not None and b.requires_grad)
+        opts = dataclasses.replace(opts, chunk_bytes=chunk_bytes)
     needs = [torch.is_grad_enabled() and p is not None and p.requires_grad for p in (x, w, b, scale_t)]
     fast_rows = _fast_rows(impl, backend, x, w, reduction, return_lse, any(needs), memory_budget)
     if fast_rows is not None:
@@ -533,31 +535,16 @@ def _budget(memory_budget: int | None, device: torch.device) -> int:
     return _DEVICE_MEMORY[index] // 16
 
 
-#: What an explicit memory budget leaves unused beside the lean strategy's chunk and fp32 dX:
-#: the O(N + C) statistics, bounds and partial sums, and the allocator's rounding.
-LEAN_SLACK_BYTES = 8 * 2**20
-#: The smallest chunk a memory budget gives them.
-MIN_LEAN_CHUNK_BYTES = 2**20
-
-
 def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor, unit_scale: bool, bias_grad: bool) -> int | None:
-    """The class-chunked strategies' logit chunk under a memory budget set by the user (the
-    call's, else ``set_memory_budget``'s), at least ``MIN_LEAN_CHUNK_BYTES``; None without one
-    (the backends' default chunk).
-
-    While the chunks run, their workspace beside dW is the fp32 dX accumulator (dX itself comes
-    after the last chunk, so its bytes count towards the budget), ``LEAN_SLACK_BYTES`` and, per
-    class of the chunk: its N logits (bf16 for bf16 input, else fp32), its fp32 row of dW before
-    the scale unless the scale is 1, and its fp32 bias partials (one per 16 rows) when the
-    bias needs a gradient."""
+    """The class-chunked backends' logit chunk under a memory budget set by the user (the
+    call's, else ``set_memory_budget``'s); None without one (their default chunk)."""
     budget = memory_budget if memory_budget is not None else _MEMORY_BUDGET
     if budget is None:
         return None
+    from fused_xent.kernels.class_chunked import budget_chunk_bytes
+
     N, D = x.shape
-    logit_bytes = N * (2 if x.dtype == torch.bfloat16 else 4)
-    per_class = logit_bytes + (0 if unit_scale else 4 * D) + (4 * -(-N // 16) if bias_grad else 0)
-    classes = (budget + N * D * x.element_size() - 4 * N * D - LEAN_SLACK_BYTES) // per_class
-    return max(MIN_LEAN_CHUNK_BYTES, classes * logit_bytes)
+    return budget_chunk_bytes(budget, N, D, x.dtype, unit_scale, bias_grad)
 
 
 #: Total memory per CUDA device index, read once.

@@ -166,11 +166,10 @@ def test_memory_budget_sizes_the_lean_chunk(monkeypatch, impl):
     """A budget the user sets gives "lean" and "filtered" a chunk of what it leaves beside the
     fp32 dX accumulator (here 256 fp32 columns: three chunks of 600 classes); without one they keep the
     default chunk. The result is the one-chunk result up to summation order."""
-    from fused_xent import functional
     from fused_xent.kernels import class_chunked
 
-    monkeypatch.setattr(functional, "LEAN_SLACK_BYTES", 0)
-    monkeypatch.setattr(functional, "MIN_LEAN_CHUNK_BYTES", 0)
+    monkeypatch.setattr(class_chunked, "BUDGET_SLACK_BYTES", 0)
+    monkeypatch.setattr(class_chunked, "MIN_BUDGET_CHUNK_BYTES", 0)
     sizes, chunk = [], class_chunked._chunk
 
     def spy(x, C, nbytes=None):

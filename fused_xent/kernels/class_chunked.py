@@ -250,6 +250,28 @@ def _chunk_cols(x: torch.Tensor, C: int, nbytes: int | None = None) -> int:
     return min(C, cols)
 
 
+#: What a memory budget leaves unused beside the chunk and the fp32 dX: the O(N + C)
+#: statistics, bounds and partial sums, and the allocator's rounding.
+BUDGET_SLACK_BYTES = 8 * 2**20
+#: The smallest chunk a memory budget gives.
+MIN_BUDGET_CHUNK_BYTES = 2**20
+
+
+def budget_chunk_bytes(budget: int, N: int, D: int, dtype: torch.dtype, unit_scale: bool, bias_grad: bool) -> int:
+    """The chunk that keeps the lean and filtered backwards within ``budget`` bytes beyond the
+    gradients, at least ``MIN_BUDGET_CHUNK_BYTES``.
+
+    While the chunks run, their workspace beside dW is the fp32 dX accumulator (dX itself comes
+    after the last chunk, so its bytes count towards the budget), ``BUDGET_SLACK_BYTES`` and, per
+    class of the chunk: its N logits, its fp32 row of dW before the scale unless the scale is 1
+    (``_dense_chunk_grads``), and its fp32 bias partials (one per ``_GRAD_BLOCK_N`` rows) when the
+    bias needs a gradient."""
+    logit_bytes = N * _chunk_dtype(dtype).itemsize
+    per_class = logit_bytes + (0 if unit_scale else 4 * D) + (4 * triton.cdiv(N, _GRAD_BLOCK_N) if bias_grad else 0)
+    classes = (budget + N * D * dtype.itemsize - 4 * N * D - BUDGET_SLACK_BYTES) // per_class
+    return max(MIN_BUDGET_CHUNK_BYTES, classes * logit_bytes)
+
+
 def _chunk_ranges(C: int, cc: int) -> list[tuple[int, int]]:
     """Class ranges of at most ``cc``; widths stay multiples of 8 except a last tail of
     fewer than 8 classes (cuBLAS falls back to slow kernels for odd bf16 widths)."""
