@@ -3,9 +3,12 @@ step, host time per step (no sync, while the GPU keeps up), GPU kernel time per 
 (torch.profiler), and the profiler's top CPU operators.
 ``PYTHONPATH=. python benchmarks/profile_host.py [impl ...]``; ``impl@BYTES`` sets the call's
 ``memory_budget`` (``fast@91000000``: fast in 1024-row chunks, within 128 MiB at ViT-21k).
-Another case of ``fused_xent.bench``: ``PROFILE_CASE=extreme_1m``."""
+Another case of ``fused_xent.bench``: ``PROFILE_CASE=extreme_1m``. ``PROFILE_PYTHON=1`` adds
+cProfile's top Python functions by own time (where the host's time goes outside aten)."""
 
+import cProfile
 import os
+import pstats
 import sys
 import time
 
@@ -57,3 +60,9 @@ for impl in sys.argv[1:] or ["lean", "fast"]:
     print(f"{impl}: wall {wall:.2f} ms/step, host {host:.2f} ms/step (no sync), GPU kernels {gpu:.2f} ms/step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=60))
     print(events.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=60))
+    if os.environ.get("PROFILE_PYTHON") == "1":
+        py = cProfile.Profile()
+        for _ in range(20):
+            py.runcall(step, impl)
+        torch.cuda.synchronize()
+        pstats.Stats(py).sort_stats("tottime").print_stats(20)

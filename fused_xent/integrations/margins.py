@@ -28,9 +28,11 @@ absolute error of ~2**-24 (fp32). In a trained ArcFace head (target cosine 0.8, 
 near 0, s = 64) ``1 - p_y`` is about e**-29 and ``p'_y`` about e**-25, so the error is
 ~1e3 times the quantity: the non-target gradient is lost entirely.
 
-Memory: a normalised copy of the weight (C, D), held for the backward, and the (N, N)
-block; the weight's gradient is projected onto the sphere's tangent without a second
-(C, D) buffer.
+Memory: on CUDA ("auto" / "lean") the class-chunked kernels divide each class's products by
+its weight's norm (``w_norm``), so W is never normalised in memory, and the backward writes W's
+gradient already projected on the sphere's tangent: beyond the gradients, lean's chunk and the
+(N, N) block. The other impls (and torch.compile) take a normalised copy of W (C, D), held for
+the backward, and project its gradient without a second (C, D) buffer.
 """
 
 from __future__ import annotations
@@ -41,7 +43,16 @@ import numbers
 import torch
 from torch import nn
 
-from fused_xent.functional import _check_target_range, linear_cross_entropy
+from fused_xent.formulation import XentOptions, build_row_targets
+from fused_xent.functional import (
+    _autocast_dtype,
+    _autocast_operand,
+    _check_budget,
+    _check_target_range,
+    _lean_chunk_bytes,
+    linear_cross_entropy,
+)
+from fused_xent.kernels.config import interpreting
 from fused_xent.reference import compute_dtype, matmul_wide
 
 __all__ = ["MarginHead", "margin_cross_entropy", "margin_logits", "margin_target_logit"]
@@ -112,6 +123,53 @@ class _NormalizedRows(torch.autograd.Function):
         return dw, None
 
 
+class _CosineRest(torch.autograd.Function):
+    """``(lse_R, w[idx] / |w[idx]|)``: ``lse_R`` per row the log-sum-exp of ``s * cos`` over the
+    classes outside ``idx``, from the class-chunked kernels with W's rows divided by their norms
+    inside the kernels (no normalised copy of W). The backward writes W's gradient (both
+    outputs') into one (C, D) buffer, projected on the tangent."""
+
+    @staticmethod
+    def forward(ctx, xn, w, idx, excluded, s, chunk_bytes):
+        from fused_xent.kernels.class_chunked import class_chunked_forward
+
+        norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
+        bias, scale, rt, opts = _rest_problem(xn, w, excluded, s, chunk_bytes)
+        lse, _ = class_chunked_forward(xn, w, bias, scale, rt, opts, need_lin=False, w_norm=norm)
+        ctx.save_for_backward(xn, w, idx, excluded, norm, lse)
+        ctx.s, ctx.chunk_bytes = s, chunk_bytes
+        return lse, (w[idx].to(norm.dtype) / norm[idx, None]).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, g_lse, g_t):
+        from fused_xent.kernels.class_chunked import class_chunked_backward
+
+        xn, w, idx, excluded, norm, lse = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[:2]
+        bias, scale, rt, opts = _rest_problem(xn, w, excluded, ctx.s, ctx.chunk_bytes)
+        rt_g = rt.scaled(torch.zeros_like(lse))  # no target term: lse_R's gradient only
+        g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.contiguous()
+        dx, dw, _ = class_chunked_backward(
+            xn, w, bias, scale, lse, g_lse, rt_g, opts, need_x, need_w, False, w_norm=norm
+        )  # fmt: skip
+        if need_w and g_t is not None:
+            dw.index_add_(0, idx, _tangent(g_t, w[idx], norm[idx]).to(dw.dtype))
+        return dx.mul_(ctx.s).to(xn.dtype) if need_x else None, dw if need_w else None, None, None, None, None
+
+
+def _rest_problem(xn, w, excluded, s, chunk_bytes):
+    """The core's view of ``lse_R``: the bias taking the classes ``excluded`` out, the scale,
+    target-free row targets and the options."""
+    C = w.shape[0]
+    bias = torch.zeros(C + 1, device=w.device, dtype=w.dtype).index_fill_(0, excluded, _EXCLUDED)[:C]
+    opts = XentOptions(num_classes=C, chunk_bytes=chunk_bytes)
+    rt = build_row_targets(
+        torch.zeros(xn.shape[0], device=xn.device, dtype=torch.long),
+        target2=None, lam=None, class_weight=None, ignore_index=None, opts=opts,
+    )  # fmt: skip
+    return bias, torch.full((1,), float(s), device=xn.device), rt, opts
+
+
 def _tangent(g: torch.Tensor, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
     """``d(w/|w|)^T g = (g - (g . w) w / |w|^2) / |w|`` in norm's dtype: g without its radial part."""
     g, w, n = g.to(norm.dtype), w.to(norm.dtype), norm[:, None]
@@ -136,6 +194,7 @@ def margin_cross_entropy(
     ignore_index: int = -100,
     reduction: str = "mean",
     impl: str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """Combined-margin cross-entropy (ArcFace m2, CosFace m3, SphereFace m1) on cosine logits,
     without the (N, C) logits.
@@ -150,7 +209,10 @@ def margin_cross_entropy(
         target: (N,) int64 class indices, or ``ignore_index``.
         s: logit scale; m1, m2, m3: the margins (ArcFace 1, 0.5, 0; CosFace 1, 0, 0.35-0.4).
         reduction: "mean" (over kept rows) | "sum" | "none".
-        impl: as in :func:`fused_xent.linear_cross_entropy`.
+        impl: as in :func:`fused_xent.linear_cross_entropy`. On CUDA "auto" and "lean" divide
+            by W's norms inside the class-chunked kernels (no normalised copy of W); while
+            compiling, and for the other impls, the normalised copy goes to that impl.
+        memory_budget: as in :func:`fused_xent.linear_cross_entropy` (sizes lean's chunk).
 
     A class outside [0, C) on a row that is not ignored raises a ValueError, except while
     compiling (the check needs a host sync): there that row's loss is NaN.
@@ -174,6 +236,13 @@ def margin_cross_entropy(
     if not isinstance(target, torch.Tensor) or target.shape != input.shape[:1] or target.is_floating_point():
         raise ValueError(f"target must be ({input.shape[0]},) class indices, got {_shape(target)}")
 
+    memory_budget = _check_budget(memory_budget)
+    low = _autocast_dtype(input)
+    if low is not None:  # as F.linear's operands under autocast
+        input, linear_weight = _autocast_operand(input, low), _autocast_operand(linear_weight, low)
+    if linear_weight.dtype != input.dtype:
+        raise TypeError(f"linear_weight dtype {linear_weight.dtype} must equal input dtype {input.dtype}")
+
     C, N = linear_weight.shape[0], target.shape[0]
     keep = target != ignore_index
     bad = keep & ((target < 0) | (target >= C))
@@ -184,12 +253,17 @@ def margin_cross_entropy(
     slots = torch.sort(t).values
     live = (slots < C) & torch.cat([slots[:1] == slots[:1], slots[1:] != slots[:-1]])
     col = torch.searchsorted(slots, t)  # each row's first slot
-    wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
     xn = nn.functional.normalize(input, dim=-1)
-    bias = torch.zeros(C + 1, device=wn.device, dtype=wn.dtype).index_fill_(0, slots, _EXCLUDED)[:C]
-    _, lse_rest = linear_cross_entropy(
-        xn, wn, torch.zeros_like(target), linear_bias=bias, scale=s, reduction="none", return_lse=True, impl=impl
-    )
+    if _in_kernel_norms(input, impl):
+        chunk_bytes = _lean_chunk_bytes(memory_budget, xn, False, False)
+        lse_rest, wn_t = _CosineRest.apply(xn, linear_weight, slots.clamp(max=C - 1), slots, s, chunk_bytes)
+    else:
+        wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
+        bias = torch.zeros(C + 1, device=wn.device, dtype=wn.dtype).index_fill_(0, slots, _EXCLUDED)[:C]
+        _, lse_rest = linear_cross_entropy(
+            xn, wn, torch.zeros_like(target), linear_bias=bias, scale=s, reduction="none", return_lse=True,
+            impl=impl, memory_budget=memory_budget,
+        )  # fmt: skip
     wide = lse_rest.dtype
     block = matmul_wide(xn, wn_t.T).to(wide)  # (N, N) cosines against the batch's classes
     is_target = (col[:, None] == torch.arange(N, device=col.device)) & keep[:, None]
@@ -198,6 +272,13 @@ def margin_cross_entropy(
     lse = torch.logaddexp(lse_rest, torch.logsumexp(block, dim=1))
     rows = torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse))
     return _reduce(rows.masked_fill(bad, float("nan")), keep, reduction)
+
+
+def _in_kernel_norms(input: torch.Tensor, impl: str) -> bool:
+    """Whether W's norms divide inside the class-chunked kernels (``_CosineRest``)."""
+    if impl not in ("auto", "lean") or input.dtype == torch.float64 or torch.compiler.is_compiling():
+        return False
+    return input.is_cuda or (impl == "lean" and interpreting())
 
 
 def _reduce(rows: torch.Tensor, keep: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -231,6 +312,7 @@ class MarginHead(nn.Module):
         m3: float = 0.0,
         ignore_index: int = -100,
         impl: str = "auto",
+        memory_budget: int | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -240,6 +322,7 @@ class MarginHead(nn.Module):
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.ignore_index = ignore_index
         self.impl = impl
+        self.memory_budget = memory_budget
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return margin_cross_entropy(
@@ -252,6 +335,7 @@ class MarginHead(nn.Module):
             m3=self.m3,
             ignore_index=self.ignore_index,
             impl=self.impl,
+            memory_budget=self.memory_budget,
         )
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:

@@ -57,13 +57,21 @@ def set_chunk_bytes(nbytes: int) -> None:
 
 
 @triton.jit
+def _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE: tl.constexpr):
+    """``r * ColScale[cols]`` (per class, fp32) with ``HAS_COL_SCALE``, else ``r``."""
+    if HAS_COL_SCALE:
+        r = r * tl.load(ColScale + cols, mask=col_mask, other=0.0)[None, :]
+    return r
+
+
+@triton.jit
 def chunk_stats_kernel(
-    R, stride_rn, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
+    R, stride_rn, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
     N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr, STORE_LSE: tl.constexpr,
-    COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, COL_BLOCK_N: tl.constexpr,
-    COL_BLOCK_C: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
+    HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
+    STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
     chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows; with
@@ -77,7 +85,10 @@ def chunk_stats_kernel(
     +inf). It keeps an elementwise maximum over its row tiles and reduces across rows once at
     the end (the same reduction in every tile of the row programs made them ~5x slower); the
     programs of one column block meet in an order-free atomic maximum. Both kinds of program
-    read the same chunk in one launch: one host launch per chunk instead of two."""
+    read the same chunk in one launch: one host launch per chunk instead of two.
+
+    With ``HAS_COL_SCALE`` class j's raw products are multiplied by ``ColScale[j]`` before
+    the scale (cosine logits: ``1 / |W_j|``, so W is never normalised in memory)."""
     pid = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
     if pid < n_row_blocks:
@@ -91,6 +102,7 @@ def chunk_stats_kernel(
             col_mask = local < Cc
             cols = c0 + local
             r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
             z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
             tt = z  # unused unless NEED_LIN
             if NEED_LIN:
@@ -114,6 +126,7 @@ def chunk_stats_kernel(
             row_mask = rows < N
             mask = row_mask[:, None] & col_mask[None, :]
             r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+            r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
             z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
             v = z - tl.load(LB + rows, mask=row_mask, other=0.0)[:, None]
             acc = tl.maximum(acc, tl.where(mask, tl.where(v != v, float("inf"), v), float("-inf")))
@@ -122,11 +135,12 @@ def chunk_stats_kernel(
 
 @triton.jit
 def chunk_grad_kernel(
-    R, stride_rn, DU, stride_un, Bias, Scale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db, Keep,
-    Cols, ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
-    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr,
-    HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr, FILTER: tl.constexpr,
-    WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    R, stride_rn, DU, stride_un, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
+    Keep, Cols, ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
+    HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    FILTER: tl.constexpr, WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
     ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
@@ -142,7 +156,10 @@ def chunk_grad_kernel(
     sum's 1) on the rows row_loss keeps makes ``cp`` and weights the targets: the forward and
     the gradient of a reduced loss in one launch.
 
-    With ``GATHERED`` column ``j`` of R is class ``Cols[j]`` (int64) instead of ``c0 + j``."""
+    With ``GATHERED`` column ``j`` of R is class ``Cols[j]`` (int64) instead of ``c0 + j``.
+
+    With ``HAS_COL_SCALE`` (see ``chunk_stats_kernel``; no WITH_STATS, GATHERED, FILTER or db)
+    the stored dU is ``dU_ij * ColScale[j]``: the GEMMs after it then take W as it is in memory."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
@@ -179,6 +196,7 @@ def chunk_grad_kernel(
             cols = c0 + local
         mask = row_mask[:, None] & col_mask[None, :]
         r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+        r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
         z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
         tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                          HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
@@ -199,6 +217,7 @@ def chunk_grad_kernel(
             flags = tl.broadcast_to(Keep + local[None, :], (BLOCK_N, BLOCK_C))
             ones = tl.full((BLOCK_N, BLOCK_C), 1, tl.int32)
             tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
+        du = _col_scaled(du, ColScale, cols, col_mask, HAS_COL_SCALE)
         tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
         tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
@@ -288,14 +307,22 @@ def _raw_products(x, w_chunk, out):
         _mm_fp32(x, w_chunk.T, out=out)
 
 
-def _kernel_args(b, rt, opts):
+def _kernel_args(b, rt, opts, col_scale=None):
+    """The kernels' arguments after ``Scale``: ``ColScale`` and the target pointers, the
+    targets' strides, and the constexpr flags."""
     pointers, t_strides, flags = target_args(rt)
-    return pointers, t_strides, dict(HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, **flags)
+    flags.update(HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, HAS_COL_SCALE=col_scale is not None)
+    return (col_scale if col_scale is not None else rt.e, *pointers), t_strides, flags
 
 
-def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk_bytes: int | None = None):
-    """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy."""
-    lse, lin, _ = _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound=False)
+def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk_bytes: int | None = None,
+                          w_norm: torch.Tensor | None = None):  # fmt: skip
+    """``(lse, lin)`` per row, fp32; the Backend forward of the class-chunked strategy.
+
+    With ``w_norm`` (C,) fp32 the logits are those of W's rows divided by ``w_norm`` (cosine
+    logits when it holds their norms), without a divided copy of W."""
+    col_scale = None if w_norm is None else w_norm.reciprocal()
+    lse, lin, _ = _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound=False, col_scale=col_scale)
     return lse, lin
 
 
@@ -312,7 +339,7 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
     return lse, lin, bound if bound is not None else torch.empty(0, device=x.device)
 
 
-def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
+def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=None):
     N, C = x.shape[0], w.shape[0]
     m = torch.full((N,), float("-inf"), device=x.device)
     s = torch.zeros(N, device=x.device)
@@ -322,7 +349,7 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound):
     buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
-    pointers, t_strides, flags = _kernel_args(b, rt, opts)
+    pointers, t_strides, flags = _kernel_args(b, rt, opts, col_scale)
     stats_tile = dict(STATS_TILE)
     n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
     col_tile = dict(COL_MAX_TILE)
@@ -369,10 +396,15 @@ def class_chunked_forward_only(x, w, b, scale, rt, opts, need_lin: bool = True):
     return class_chunked_forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes=FORWARD_ONLY_CHUNK_BYTES)
 
 
-def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db):
+def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db,
+                           w_norm: torch.Tensor | None = None):  # fmt: skip
     """The Backend backward of the class-chunked strategy: ``dx_raw`` fp32 without the
-    scale, ``dw`` with the scale (in w's dtype: no fp32 C x D buffer), ``db`` fp32."""
-    return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=None)
+    scale, ``dw`` with the scale (in w's dtype: no fp32 C x D buffer), ``db`` fp32.
+
+    With ``w_norm`` (as in ``class_chunked_forward``) ``dw`` is the gradient of W itself,
+    through the division by ``w_norm`` taken as W's row norms: each row loses its radial
+    part (``tangent_rows_kernel``)."""
+    return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=None, w_norm=w_norm)
 
 
 #: The filtered backward's threshold, a fraction of the input dtype's eps (cut-cross-entropy's
@@ -476,8 +508,10 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     return dx, dw, None
 
 
-def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps: float | None):
-    """Both backwards: exact when ``filter_eps`` is None, filtered at that threshold otherwise."""
+def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps: float | None,
+              w_norm=None):  # fmt: skip
+    """Both backwards: exact when ``filter_eps`` is None, filtered at that threshold otherwise
+    (not with ``w_norm``)."""
     N, D = x.shape
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
@@ -489,7 +523,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         return dx, dw, db
     bufs = [_chunk(x, C, opts.chunk_bytes) for _ in range(2 if filtering else 1)]
     cc = bufs[0].shape[1]
-    kargs = _kernel_args(b, rt_g, opts)
+    kargs = _kernel_args(b, rt_g, opts, None if w_norm is None else w_norm.reciprocal())
     db_part = torch.empty((triton.cdiv(N, _GRAD_BLOCK_N), cc), device=x.device) if need_db else None
     if filtering:  # per buffer: the count of flagged classes on the host, and its event
         keep = torch.empty(cc, device=x.device, dtype=torch.int32)
@@ -505,7 +539,8 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
         if not filtering:
-            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None)
+            w_norm_k = None if w_norm is None else w_norm[c0:c1]
+            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None, w_norm_k)
             continue
         # flagged classes first, each part in ascending order; the count goes to the host
         order = torch.sort(keep[:width], descending=True, stable=True).indices
@@ -561,10 +596,13 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     return du
 
 
-def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
+def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk, w_norm=None):
     """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns; ``scale`` None
-    when it is known to be 1."""
-    if dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
+    when it is known to be 1. With ``w_norm`` (the chunk's row norms) dU's columns come
+    divided by them and dW is projected on each row's tangent."""
+    if dw_chunk is not None and w_norm is not None:
+        _tangent_rows(_mm_fp32(du.T, x), w_chunk, w_norm, scale, dw_chunk)
+    elif dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
         torch.mm(du.T, x, out=dw_chunk)
     elif dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding
         torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
@@ -603,3 +641,42 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
     du_t = du.T.index_select(0, cols)
     w_k = w[c0:c1].index_select(0, cols) if dx is not None else None
     _gathered_chunk_grads(x, w_k, du_t.T, scale, dx, dw[c0:c1] if dw is not None else None, cols)
+
+
+@triton.jit
+def tangent_rows_kernel(G, W, Norm, Scale, Out, C, D, stride_g, stride_w, stride_o, HAS_SCALE: tl.constexpr,
+                        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+    """``Out_j = scale * (G_j - (G_j . W_j) W_j / n_j^2)`` for rows j of a chunk, n_j = ``Norm[j]``.
+
+    With logits ``s * x . W_j / |W_j|``, ``G_j = sum_i dU_ij / n_j x_i`` is the gradient of
+    ``W_j / n_j`` as if n_j were constant; the division's own derivative removes G_j's
+    component along W_j. One program owns BLOCK_R whole rows: a dot over D, then the write."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_mask = rows < C
+    dot = tl.zeros([BLOCK_R], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < D)[None, :]
+        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0)
+        w = tl.load(W + rows[:, None] * stride_w + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+        dot += tl.sum(g * w, axis=1)
+    n = tl.load(Norm + rows, mask=row_mask, other=1.0)
+    radial = dot / (n * n)
+    scale = tl.load(Scale).to(tl.float32) if HAS_SCALE else 1.0
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        mask = row_mask[:, None] & (ds < D)[None, :]
+        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0)
+        w = tl.load(W + rows[:, None] * stride_w + ds[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = scale * (g - radial[:, None] * w)
+        tl.store(Out + rows[:, None] * stride_o + ds[None, :], out.to(Out.dtype.element_ty), mask=mask)
+
+
+def _tangent_rows(g, w_chunk, w_norm, scale, out) -> None:
+    """``out = tangent_rows_kernel(g, w_chunk)``: g (k, D) fp32, out (k, D) in w's dtype."""
+    k, D = g.shape
+    block_d = min(256, triton.next_power_of_2(D))
+    tangent_rows_kernel[(triton.cdiv(k, 8),)](
+        g, w_chunk, w_norm, scale if scale is not None else w_norm, out, k, D, g.stride(0), w_chunk.stride(0),
+        out.stride(0), HAS_SCALE=scale is not None, BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
+    )  # fmt: skip
