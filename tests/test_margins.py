@@ -219,30 +219,45 @@ def test_gpu_bf16_within_twice_torch_error(name):
         assert rel_err(f, r) <= 2 * rel_err(e, r)
 
 
+def row_chunked_reference(x, w, y, *, s, m, rows=512):
+    """The materialised reference (``margin_logits`` in x's dtype, as torch computes it) over
+    chunks of rows, so that a million classes fit: the mean loss and fp32 gradients."""
+    w = w.detach().requires_grad_()
+    loss, gx, gw = 0.0, torch.empty(x.shape, device=x.device), torch.zeros(w.shape, device=x.device)
+    for i in range(0, x.shape[0], rows):
+        xc = x[i : i + rows].detach().requires_grad_()
+        part = reference(xc, w, y[i : i + rows], s=s, m=m, reduction="sum")
+        dx, dw = torch.autograd.grad(part, (xc, w))
+        loss, gx[i : i + rows] = loss + part.item(), dx
+        gw += dw
+    return loss / x.shape[0], gx / x.shape[0], gw / x.shape[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_1m_classes_within_lean_memory():
     """ArcFace over 1,000,000 classes (4096 x 512, bf16): W's norms divide inside the kernels,
     so fw + bw stays within SPEC's 1100 MiB for the 1M head (W's gradient alone is 977 MiB),
-    with gradient errors (vs fp32 through the copying path) within twice the copying bf16 path's."""
+    and the gradient error (vs fp32) stays within twice that of torch's materialised bf16."""
     C, N, D = 1_000_000, 4096, 512
+    m = MARGINS["arcface"]
     g = torch.Generator(device="cuda").manual_seed(8)
     w = torch.randn(C, D, device="cuda", generator=g)
     y = torch.randint(0, C, (N,), device="cuda", generator=g)
     x = w[y] + 2.0 * torch.randn(N, D, device="cuda", generator=g)
-    ref = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=64.0, impl="fast"), x, w)
+    ref = row_chunked_reference(x, w, y, s=64.0, m=m)
     xb, wb = x.bfloat16(), w.bfloat16()
     del x, w
-    copying = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=64.0, impl="fast"), xb, wb)
+    eager = row_chunked_reference(xb, wb, y, s=64.0, m=m)
     xb.requires_grad_(), wb.requires_grad_()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    margin_cross_entropy(xb, wb, y, s=64.0).backward()
+    loss = margin_cross_entropy(xb, wb, y, s=64.0)
+    loss.backward()
     torch.cuda.synchronize()
     peak_mib = (torch.cuda.max_memory_allocated() - before) / 2**20
     assert peak_mib <= 1100, peak_mib
-    fused = (margin_cross_entropy(xb, wb, y, s=64.0), xb.grad, wb.grad)
-    assert abs(fused[0].item() - ref[0].item()) <= 2 * abs(copying[0].item() - ref[0].item()) + 1e-3 * ref[0].item()
-    for f, c, r in zip(fused[1:], copying[1:], ref[1:], strict=True):
-        assert rel_err(f, r) <= 2 * rel_err(c, r)
+    assert abs(loss.item() - ref[0]) <= 2 * abs(eager[0] - ref[0]) + 1e-3 * ref[0]
+    for f, e, r in zip((xb.grad, wb.grad), eager[1:], ref[1:], strict=True):
+        assert rel_err(f, r) <= 2 * rel_err(e, r)

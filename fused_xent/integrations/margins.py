@@ -222,6 +222,11 @@ def margin_cross_entropy(
             raise ValueError(f"{name} must be a finite float, got {value!r}")
     if not s > 0:
         raise ValueError(f"s must be > 0, got {s}")
+    if impl == "fast":
+        raise ValueError(
+            "impl='fast' does not apply to margin_cross_entropy (it needs each row's lse over the non-target "
+            "classes); use impl='auto' or 'lean'"
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(input, torch.Tensor) or input.dim() != 2:
@@ -255,7 +260,7 @@ def margin_cross_entropy(
     col = torch.searchsorted(slots, t)  # each row's first slot
     xn = nn.functional.normalize(input, dim=-1)
     if _in_kernel_norms(input, impl):
-        chunk_bytes = _lean_chunk_bytes(memory_budget, xn, False, False)
+        chunk_bytes = _lean_chunk_bytes(_lean_budget(memory_budget, xn, C), xn, True, False)
         lse_rest, wn_t = _CosineRest.apply(xn, linear_weight, slots.clamp(max=C - 1), slots, s, chunk_bytes)
     else:
         wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
@@ -272,6 +277,19 @@ def margin_cross_entropy(
     lse = torch.logaddexp(lse_rest, torch.logsumexp(block, dim=1))
     rows = torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse))
     return _reduce(rows.masked_fill(bad, float("nan")), keep, reduction)
+
+
+def _lean_budget(memory_budget: int | None, xn: torch.Tensor, C: int) -> int | None:
+    """What a budget (the call's, else ``set_memory_budget``'s) leaves the core's chunk beside
+    the margin's own tensors held during its backward: xn, the gradients of xn and of the
+    target rows (N x D each), W's norms and their inverses (fp32) and the excluding bias (C
+    each). None: no budget was set."""
+    from fused_xent import functional
+
+    budget = memory_budget if memory_budget is not None else functional._MEMORY_BUDGET
+    if budget is None:
+        return None
+    return max(0, budget - 3 * xn.numel() * xn.element_size() - C * (8 + xn.element_size()))
 
 
 def _in_kernel_norms(input: torch.Tensor, impl: str) -> bool:

@@ -402,8 +402,9 @@ def class_chunked_backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw
     scale, ``dw`` with the scale (in w's dtype: no fp32 C x D buffer), ``db`` fp32.
 
     With ``w_norm`` (as in ``class_chunked_forward``) ``dw`` is the gradient of W itself,
-    through the division by ``w_norm`` taken as W's row norms: each row loses its radial
-    part (``tangent_rows_kernel``)."""
+    through the division by ``w_norm`` taken as W's row norms: the chunks write
+    ``sum_i dU_ij / n_j x_i`` into dW (rounded once, as without a scale), then one pass
+    (``tangent_rows_kernel``, in place) scales each row and removes its radial part."""
     return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=None, w_norm=w_norm)
 
 
@@ -515,7 +516,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     N, D = x.shape
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
-    dw_scale = None if opts.unit_scale else scale
+    dw_scale = None if opts.unit_scale or w_norm is not None else scale  # w_norm: the tangent pass scales
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if need_dw else None
     db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
@@ -539,8 +540,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         if need_db:
             db[c0:c1] = db_part[:, : c1 - c0].sum(0)
         if not filtering:
-            w_norm_k = None if w_norm is None else w_norm[c0:c1]
-            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None, w_norm_k)
+            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None)
             continue
         # flagged classes first, each part in ascending order; the count goes to the host
         order = torch.sort(keep[:width], descending=True, stable=True).indices
@@ -552,6 +552,8 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         pending = (c0, c1, du, order, i % 2, events[i % 2])
     if pending is not None:
         _finish_filtered(x, w, dw_scale, dx, dw, counts, *pending)
+    if w_norm is not None and need_dw:  # one pass over dW: its rows so far hold sum_i dU_ij / n_j x_i
+        _tangent_rows(dw, w, w_norm, None if opts.unit_scale else scale, dw)
     return dx, dw, db
 
 
@@ -596,13 +598,10 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     return du
 
 
-def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk, w_norm=None):
+def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
     """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns; ``scale`` None
-    when it is known to be 1. With ``w_norm`` (the chunk's row norms) dU's columns come
-    divided by them and dW is projected on each row's tangent."""
-    if dw_chunk is not None and w_norm is not None:
-        _tangent_rows(_mm_fp32(du.T, x), w_chunk, w_norm, scale, dw_chunk)
-    elif dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
+    when it is known to be 1."""
+    if dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
         torch.mm(du.T, x, out=dw_chunk)
     elif dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding
         torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
@@ -646,18 +645,19 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
 @triton.jit
 def tangent_rows_kernel(G, W, Norm, Scale, Out, C, D, stride_g, stride_w, stride_o, HAS_SCALE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
-    """``Out_j = scale * (G_j - (G_j . W_j) W_j / n_j^2)`` for rows j of a chunk, n_j = ``Norm[j]``.
+    """``Out_j = scale * (G_j - (G_j . W_j) W_j / n_j^2)`` for the C rows j, n_j = ``Norm[j]``.
 
     With logits ``s * x . W_j / |W_j|``, ``G_j = sum_i dU_ij / n_j x_i`` is the gradient of
     ``W_j / n_j`` as if n_j were constant; the division's own derivative removes G_j's
-    component along W_j. One program owns BLOCK_R whole rows: a dot over D, then the write."""
+    component along W_j. One program owns BLOCK_R whole rows: a dot over D, then the write,
+    each block of a row read before it is written (Out may be G)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask = rows < C
     dot = tl.zeros([BLOCK_R], tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (ds < D)[None, :]
-        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0)
+        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + rows[:, None] * stride_w + ds[None, :], mask=mask, other=0.0).to(tl.float32)
         dot += tl.sum(g * w, axis=1)
     n = tl.load(Norm + rows, mask=row_mask, other=1.0)
@@ -666,17 +666,17 @@ def tangent_rows_kernel(G, W, Norm, Scale, Out, C, D, stride_g, stride_w, stride
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
         mask = row_mask[:, None] & (ds < D)[None, :]
-        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0)
+        g = tl.load(G + rows[:, None] * stride_g + ds[None, :], mask=mask, other=0.0).to(tl.float32)
         w = tl.load(W + rows[:, None] * stride_w + ds[None, :], mask=mask, other=0.0).to(tl.float32)
         out = scale * (g - radial[:, None] * w)
         tl.store(Out + rows[:, None] * stride_o + ds[None, :], out.to(Out.dtype.element_ty), mask=mask)
 
 
-def _tangent_rows(g, w_chunk, w_norm, scale, out) -> None:
-    """``out = tangent_rows_kernel(g, w_chunk)``: g (k, D) fp32, out (k, D) in w's dtype."""
-    k, D = g.shape
+def _tangent_rows(g, w, w_norm, scale, out) -> None:
+    """``out = tangent_rows_kernel(g, w)``: g and out (C, D), out in w's dtype (may be g)."""
+    C, D = g.shape
     block_d = min(256, triton.next_power_of_2(D))
-    tangent_rows_kernel[(triton.cdiv(k, 8),)](
-        g, w_chunk, w_norm, scale if scale is not None else w_norm, out, k, D, g.stride(0), w_chunk.stride(0),
-        out.stride(0), HAS_SCALE=scale is not None, BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
+    tangent_rows_kernel[(triton.cdiv(C, 8),)](
+        g, w, w_norm, scale if scale is not None else w_norm, out, C, D, g.stride(0), w.stride(0), out.stride(0),
+        HAS_SCALE=scale is not None, BLOCK_R=8, BLOCK_D=block_d, num_warps=4,
     )  # fmt: skip
