@@ -25,8 +25,8 @@ def step(opts):
     margin_cross_entropy(x, w, y, s=64.0, m2=0.5, **opts).backward()
 
 
-rows = {name: [] for name in CONFIGS}
-for name, opts in CONFIGS.items():
+rows, peaks = {name: [] for name in CONFIGS}, {}
+for opts in CONFIGS.values():
     step(opts)
 for _ in range(2):
     for name, opts in CONFIGS.items():
@@ -38,7 +38,7 @@ for name, opts in CONFIGS.items():
     before = torch.cuda.memory_allocated()
     step(opts)
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    peak = peaks[name] = (torch.cuda.max_memory_allocated() - before) / 2**20
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(3):
             step(opts)
@@ -47,4 +47,4 @@ for name, opts in CONFIGS.items():
     print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=10, max_name_column_width=70))
 print("\n| config | ms (two rounds) | peak MiB |\n|---|---|---|")
 for name in CONFIGS:
-    print(f"| {name} | {' / '.join(f'{t:.2f}' for t in rows[name])} | |")
+    print(f"| {name} | {' / '.join(f'{t:.2f}' for t in rows[name])} | {peaks[name]:.0f} |")
