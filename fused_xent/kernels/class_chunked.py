@@ -38,7 +38,7 @@ from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args
 
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 #: The column-max programs share the stats programs' launch, so their warps too.
-STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8, split_programs=0)
+STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
 COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, rows_per_program=None)
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
@@ -67,19 +67,18 @@ def _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE: tl.constexpr):
 @triton.jit
 def chunk_stats_kernel(
     R, stride_rn, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
-    N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program, cols_per_split,
+    N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
     STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr, ACC_2D: tl.constexpr = False,
+    COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr,
 ):  # fmt: skip
-    """The forward's one launch per chunk. Its first ``n_row_blocks`` x (column splits)
-    programs fold z of the chunk into the running row stats (m, s, lin), each owning BLOCK_N
-    rows of one split, ``cols_per_split`` columns: split k folds into row k of the (splits, N)
-    stats, merged after the last chunk (``_merge_splits``). With ``ACC_2D`` a program keeps
-    its sums per element and reduces only the max per tile. With ``STORE_LSE`` (one split)
-    they also store each row's lse so far, ``LB_next = m + log(s)``, for the next chunk's
-    bound.
+    """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
+    chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows. A program
+    reduces only the row max per tile and keeps its sums per element until its last tile
+    (the sum and lin reductions per tile cost 8-12 %, ``tune_stats.log``). With
+    ``STORE_LSE`` they also store each row's lse so far, ``LB_next = m + log(s)``, for the
+    next chunk's bound.
 
     With ``COL_MAX`` the launch has ``n_col_blocks`` x (row groups) more programs: program
     (j, g) bounds column block j over rows ``[g * rows_per_program, ...)``,
@@ -94,22 +93,17 @@ def chunk_stats_kernel(
     the scale (cosine logits: ``1 / |W_j|``, so W is never normalised in memory)."""
     pid = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
-    n_splits = tl.cdiv(Cc, cols_per_split)
-    if pid < n_row_blocks * n_splits:
-        split = pid // n_row_blocks
-        rows = (pid % n_row_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    if pid < n_row_blocks:
+        rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        state = split.to(tl.int64) * N + rows
-        m = tl.load(M + state, mask=row_mask, other=0.0)
-        s = tl.load(S + state, mask=row_mask, other=0.0)
-        lin = tl.load(L + state, mask=row_mask, other=0.0)
-        if ACC_2D:
-            s_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-            lin_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
-        col_end = tl.minimum((split + 1) * cols_per_split, Cc)
-        for j0 in range(split * cols_per_split, col_end, BLOCK_C):
+        m = tl.load(M + rows, mask=row_mask, other=0.0)
+        s = tl.load(S + rows, mask=row_mask, other=0.0)
+        lin = tl.load(L + rows, mask=row_mask, other=0.0)
+        s_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        lin_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for j0 in range(0, Cc, BLOCK_C):
             local = j0 + tl.arange(0, BLOCK_C)
-            col_mask = local < col_end
+            col_mask = local < Cc
             cols = c0 + local
             r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
             r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
@@ -118,28 +112,24 @@ def chunk_stats_kernel(
             if NEED_LIN:
                 tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn,
                                  stride_tc, HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-            if ACC_2D:  # one reduction per tile (the max); sums stay per element until the end
-                zm = tl.where(col_mask[None, :], z, float("-inf"))
-                m_new = tl.maximum(m, tl.max(zm, axis=1))
-                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-                alpha = tl.exp(m - m_ref)
-                s = s * alpha
-                s_acc = s_acc * alpha[:, None] + tl.exp(zm - m_ref[:, None])
-                m = m_new
-                if NEED_LIN:
-                    lin_acc += tl.where(tt != 0.0, tt * z, 0.0)
-            else:
-                m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, NEED_LIN)
-        if ACC_2D:
-            s += tl.sum(s_acc, axis=1)
-            lin += tl.sum(lin_acc, axis=1)
-        tl.store(M + state, m, mask=row_mask)
-        tl.store(S + state, s, mask=row_mask)
-        tl.store(L + state, lin, mask=row_mask)
-        if STORE_LSE:  # one split only
+            zm = tl.where(col_mask[None, :], z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(zm, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp(m - m_ref)
+            s = s * alpha
+            s_acc = s_acc * alpha[:, None] + tl.exp(zm - m_ref[:, None])
+            m = m_new
+            if NEED_LIN:
+                lin_acc += tl.where(tt != 0.0, tt * z, 0.0)
+        s += tl.sum(s_acc, axis=1)
+        lin += tl.sum(lin_acc, axis=1)
+        tl.store(M + rows, m, mask=row_mask)
+        tl.store(S + rows, s, mask=row_mask)
+        tl.store(L + rows, lin, mask=row_mask)
+        if STORE_LSE:
             tl.store(LB_next + rows, m + tl.log(s), mask=row_mask)
     elif COL_MAX:
-        q = pid - n_row_blocks * n_splits
+        q = pid - n_row_blocks
         local = (q % n_col_blocks) * COL_BLOCK_C + tl.arange(0, COL_BLOCK_C)
         col_mask = local < Cc
         cols = c0 + local
@@ -365,22 +355,17 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
 
 def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=None):
     N, C = x.shape[0], w.shape[0]
+    m = torch.full((N,), float("-inf"), device=x.device)
+    s = torch.zeros(N, device=x.device)
+    lin = torch.zeros(N, device=x.device)
     if N == 0:
-        return torch.zeros(0, device=x.device), torch.zeros(0, device=x.device), None
+        return m, lin, None
     buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts, col_scale)
     stats_tile = dict(STATS_TILE)
-    split_programs = stats_tile.pop("split_programs")
     n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
-    # column splits when the row blocks alone leave the GPU short of loads in flight (not with
-    # the bound, whose programs need each row's whole lse so far)
-    splits = 1 if bound else max(1, min(split_programs // n_row_blocks, triton.cdiv(cc, stats_tile["BLOCK_C"])))
-    cols_per_split = triton.cdiv(triton.cdiv(cc, splits), stats_tile["BLOCK_C"]) * stats_tile["BLOCK_C"]
-    m = torch.full((splits, N), float("-inf"), device=x.device)
-    s = torch.zeros((splits, N), device=x.device)
-    lin = torch.zeros((splits, N), device=x.device)
     col_tile = dict(COL_MAX_TILE)
     rows_per_program = col_tile.pop("rows_per_program")
     tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
@@ -396,16 +381,15 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
         _raw_products(x, w[c0:c1], raw)
         col_max_now = bound and k > 0  # the first chunk's bound is +inf
         n_col_blocks = triton.cdiv(c1 - c0, tile_c)
-        row_programs = n_row_blocks * triton.cdiv(c1 - c0, cols_per_split)
-        grid = row_programs + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
+        grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
         chunk_stats_kernel[(grid,)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
             lse_before[k + 1] if bound and k + 1 < len(ranges) else m, lse_before[k] if col_max_now else m,
             col_max if bound else m, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
-            rows_per_program or 0, cols_per_split, NEED_LIN=need_lin, STORE_LSE=bound and k + 1 < len(ranges),
+            rows_per_program or 0, NEED_LIN=need_lin, STORE_LSE=bound and k + 1 < len(ranges),
             COL_MAX=col_max_now, **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
-    lse, lin = _merge_splits(m, s, lin)
+    lse = m + torch.log(s)
     if not bound:
         return lse, lin, None
     lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
@@ -414,15 +398,6 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
     if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
         chunk_of[C - C % 8 :] = len(ranges) - 1
     return lse, lin, col_max - gain[chunk_of]
-
-
-def _merge_splits(m, s, lin):
-    """Each row's ``(lse, lin)`` from its per-split running ``(m, s, lin)``, (splits, N) each."""
-    if m.shape[0] == 1:
-        return m[0] + torch.log(s[0]), lin[0]
-    top = m.amax(0)
-    ref = torch.where(top == float("-inf"), 0.0, top)
-    return ref + torch.log((s * torch.exp(m - ref)).sum(0)), lin.sum(0)
 
 
 #: Chunk memory of a forward that needs no gradient (evaluation): small, the GEMMs stay large.
