@@ -153,6 +153,24 @@ def test_lean_divides_by_the_norms_in_the_kernels(name, monkeypatch):
         assert rel_err(f, r) < 1e-5  # fp32 kernels vs float64
 
 
+def test_lean_memory_budget_sizes_the_chunk(monkeypatch):
+    """A memory budget reaches the in-kernel-norm path's chunk: a budget of 0 with the minimum
+    chunk shrunk to 128 classes gives three chunks, the same loss and gradients as one chunk."""
+    from fused_xent.kernels import class_chunked
+
+    x, w, y = problem(40, 33, 301, dtype=torch.float32, seed=9, spread=0.8)
+    one = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=32.0, impl="lean"), x, w)
+    monkeypatch.setattr(class_chunked, "BUDGET_SLACK_BYTES", 0)
+    monkeypatch.setattr(class_chunked, "MIN_BUDGET_CHUNK_BYTES", 128 * 40 * 4)
+    calls = []
+    forward = class_chunked._forward
+    monkeypatch.setattr(class_chunked, "_forward", lambda *a, **k: calls.append(a[5].chunk_bytes) or forward(*a, **k))
+    chunked = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=32.0, impl="lean", memory_budget=0), x, w)
+    assert calls and calls[0] is not None and class_chunked._chunk_cols(x, 301, calls[0]) == 128
+    for c, o in zip(chunked, one, strict=True):
+        assert rel_err(c, o) < 1e-5
+
+
 def test_every_row_ignored_gives_zero_loss_and_gradient():
     x, w, _ = problem(4, 8, 11)
     y = torch.full((4,), -100)
@@ -189,6 +207,8 @@ def test_inputs_are_not_modified():
         (dict(input=torch.randn(4, 3, 8, dtype=torch.float64)), "input"),
         (dict(target=torch.tensor([0, 1, 2, 11])), "outside"),
         (dict(target=torch.zeros(4)), "target"),
+        (dict(impl="fast"), "impl='fast'"),
+        (dict(memory_budget=-1), "memory_budget"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):
