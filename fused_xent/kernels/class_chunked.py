@@ -154,7 +154,7 @@ def chunk_grad_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, BARRIER: tl.constexpr = True,
+    BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
     ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
@@ -232,8 +232,7 @@ def chunk_grad_kernel(
             ones = tl.full((BLOCK_N, BLOCK_C), 1, tl.int32)
             tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
         du = _col_scaled(du, ColScale, cols, col_mask, HAS_COL_SCALE)
-        if BARRIER:
-            tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
+        tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
         tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
 
 
@@ -584,9 +583,6 @@ def _bounded_pieces(whole, cols, cc: int) -> list[tuple[int, int, torch.Tensor |
 
 #: Rows per program of the backward's grad kernel (its partial-db rows follow it).
 _GRAD_BLOCK_N = 16
-#: The rest of its launch: columns per tile and per program, warps, and whether a barrier
-#: separates each tile's reads from its in-place writes (always with fp16 dU over fp32 R).
-GRAD_TILE = dict(BLOCK_C=256, num_warps=8, cols_per_program=1024, barrier=True)
 
 
 def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db_part=None, keep=None,
@@ -602,10 +598,8 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
         du = raw
     else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
         du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
-    tile = dict(GRAD_TILE)
-    col_split = triton.cdiv(width, tile.pop("cols_per_program")) if du.dtype == raw.dtype else 1
-    cols_per_program = triton.cdiv(triton.cdiv(width, col_split), tile["BLOCK_C"]) * tile["BLOCK_C"]
-    barrier = tile.pop("barrier") or du.dtype != raw.dtype
+    col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
+    cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
     pointers, t_strides, flags = kargs
     chunk_grad_kernel[(triton.cdiv(N, _GRAD_BLOCK_N), col_split)](
         raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
@@ -613,7 +607,7 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
         keep if keep is not None else lse, cols if cols is not None else lse, lse, lse, lse, lse, N, width,
         c0, cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
         COMPUTE_DB=db_part is not None, FILTER=keep is not None, WITH_STATS=False, GATHERED=cols is not None,
-        **flags, BLOCK_N=_GRAD_BLOCK_N, BARRIER=barrier, **tile,
+        **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, num_warps=8,
     )  # fmt: skip
     return du
 
