@@ -1,12 +1,14 @@
 """Launch configurations of the class-chunked forward's kernel (H100): the lean training forward
-per stats tile, and the bounded one of ``impl="filtered"`` (the stats kernel with its column-max
-programs, the GEMMs unchanged) per column tile, at the chunk of the bench's lean rows.
+per stats tile (and the stats kernel's own time and bandwidth, torch.profiler), and the bounded
+one of ``impl="filtered"`` (the stats kernel with its column-max programs, the GEMMs unchanged)
+per column tile, at the chunk of the bench's lean rows.
 ``PYTHONPATH=. python benchmarks/tune_bound.py [case ...]``"""
 
 import itertools
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 from fused_xent.bench import CASES, lean_budget, make_inputs
@@ -14,8 +16,17 @@ from fused_xent.formulation import XentOptions, build_row_targets
 from fused_xent.functional import _lean_chunk_bytes
 from fused_xent.kernels import class_chunked
 
-STATS = [dict(BLOCK_N=n, BLOCK_C=c, num_warps=w) for n, c, w in [(16, 256, 8), (8, 256, 4), (16, 128, 4)]]
+STATS = [dict(BLOCK_N=n, BLOCK_C=c, num_warps=w) for n, c, w in [(16, 256, 8), (8, 256, 4), (16, 128, 4), (32, 128, 8)]]
 COL_MAX = [dict(BLOCK_N=n, BLOCK_C=c, rows_per_program=None) for n, c in [(32, 128), (64, 128), (32, 256), (16, 256)]]
+
+
+def stats_ms(fn) -> float:
+    """The stats kernel's time per call of ``fn`` (torch.profiler, 3 calls)."""
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+    return sum(e.device_time_total for e in prof.key_averages() if e.key == "chunk_stats_kernel") / 3 / 1e3
 
 
 def tune(name: str) -> None:
@@ -31,7 +42,10 @@ def tune(name: str) -> None:
     for stats in STATS:
         class_chunked.STATS_TILE = stats
         plain = do_bench(lambda: class_chunked.class_chunked_forward(*args), return_mode="median")
-        print(f"{name} lean forward stats={stats}: {plain:.2f} ms", flush=True)
+        k = stats_ms(lambda: class_chunked.class_chunked_forward(*args))
+        tb_s = x.shape[0] * w.shape[0] * 2 / k / 1e9
+        print(f"{name} lean forward stats={stats}: {plain:.2f} ms, stats kernel {k:.2f} ms ({tb_s:.2f} TB/s)",
+              flush=True)  # fmt: skip
     for stats, col in itertools.product(STATS[:1], COL_MAX):
         class_chunked.STATS_TILE, class_chunked.COL_MAX_TILE = stats, col
         out = class_chunked.class_chunked_forward_bounded(*args)
