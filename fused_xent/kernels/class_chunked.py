@@ -39,7 +39,7 @@ from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 #: The column-max programs share the stats programs' launch, so their warps too.
 STATS_TILE = dict(BLOCK_N=16, BLOCK_C=256, num_warps=8)
-COL_MAX_TILE = dict(BLOCK_N=32, BLOCK_C=128, rows_per_program=None)
+COL_MAX_TILE = dict(BLOCK_N=64, BLOCK_C=128, rows_per_program=None)
 
 #: Bytes of the logit chunk; the user can set it (``set_chunk_bytes``).
 CHUNK_BYTES = 64 * 2**20
