@@ -9,6 +9,7 @@ import torch
 import triton.testing
 from torch.profiler import ProfilerActivity, profile
 
+from fused_xent.bench import lean_budget
 from fused_xent.integrations.margins import margin_cross_entropy
 
 N, D, C = 4096, 512, 1_000_000
@@ -16,7 +17,7 @@ g = torch.Generator(device="cuda").manual_seed(0)
 w = (torch.randn(C, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
 x = (torch.randn(N, D, device="cuda", generator=g) / D**0.5).bfloat16().requires_grad_()
 y = torch.randint(0, C, (N,), device="cuda", generator=g)
-budget = 1100 * 2**20 - (N + C) * D * 2
+budget = lean_budget(dict(N=N, D=D, C=C, lean_peak_mib=1100))
 CONFIGS = {"auto": {}, "lean@1100MiB": dict(impl="lean", memory_budget=budget)}
 
 

@@ -133,41 +133,38 @@ class _CosineRest(torch.autograd.Function):
     def forward(ctx, xn, w, idx, excluded, s, chunk_bytes):
         from fused_xent.kernels.class_chunked import class_chunked_forward
 
+        C = w.shape[0]
         norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
-        bias, scale, rt, opts = _rest_problem(xn, w, excluded, s, chunk_bytes)
+        bias, scale = _excluding_bias(C, excluded, w), torch.full((1,), float(s), device=xn.device)
+        opts = XentOptions(num_classes=C, chunk_bytes=chunk_bytes)
+        rt = build_row_targets(
+            torch.zeros(xn.shape[0], device=xn.device, dtype=torch.long),
+            target2=None, lam=None, class_weight=None, ignore_index=None, opts=opts,
+        )  # fmt: skip
         lse, _ = class_chunked_forward(xn, w, bias, scale, rt, opts, need_lin=False, w_norm=norm)
-        ctx.save_for_backward(xn, w, idx, excluded, norm, lse)
-        ctx.s, ctx.chunk_bytes = s, chunk_bytes
+        ctx.save_for_backward(xn, w, idx, bias, scale, norm, lse)
+        ctx.rt, ctx.opts = rt, opts
         return lse, (w[idx].to(norm.dtype) / norm[idx, None]).to(w.dtype)
 
     @staticmethod
     def backward(ctx, g_lse, g_t):
         from fused_xent.kernels.class_chunked import class_chunked_backward
 
-        xn, w, idx, excluded, norm, lse = ctx.saved_tensors
+        xn, w, idx, bias, scale, norm, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]
-        bias, scale, rt, opts = _rest_problem(xn, w, excluded, ctx.s, ctx.chunk_bytes)
-        rt_g = rt.scaled(torch.zeros_like(lse))  # no target term: lse_R's gradient only
+        rt_g = ctx.rt.scaled(torch.zeros_like(lse))  # no target term: lse_R's gradient only
         g_lse = torch.zeros_like(lse) if g_lse is None else g_lse.contiguous()
         dx, dw, _ = class_chunked_backward(
-            xn, w, bias, scale, lse, g_lse, rt_g, opts, need_x, need_w, False, w_norm=norm
+            xn, w, bias, scale, lse, g_lse, rt_g, ctx.opts, need_x, need_w, False, w_norm=norm
         )  # fmt: skip
         if need_w and g_t is not None:
             dw.index_add_(0, idx, _tangent(g_t, w[idx], norm[idx]).to(dw.dtype))
-        return dx.mul_(ctx.s).to(xn.dtype) if need_x else None, dw if need_w else None, None, None, None, None
+        return dx.mul_(scale).to(xn.dtype) if need_x else None, dw if need_w else None, None, None, None, None
 
 
-def _rest_problem(xn, w, excluded, s, chunk_bytes):
-    """The core's view of ``lse_R``: the bias taking the classes ``excluded`` out, the scale,
-    target-free row targets and the options."""
-    C = w.shape[0]
-    bias = torch.zeros(C + 1, device=w.device, dtype=w.dtype).index_fill_(0, excluded, _EXCLUDED)[:C]
-    opts = XentOptions(num_classes=C, chunk_bytes=chunk_bytes)
-    rt = build_row_targets(
-        torch.zeros(xn.shape[0], device=xn.device, dtype=torch.long),
-        target2=None, lam=None, class_weight=None, ignore_index=None, opts=opts,
-    )  # fmt: skip
-    return bias, torch.full((1,), float(s), device=xn.device), rt, opts
+def _excluding_bias(C: int, excluded: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(C,) in ``like``'s dtype: ``_EXCLUDED`` on the classes ``excluded`` (C stands for none), 0 elsewhere."""
+    return torch.zeros(C + 1, device=like.device, dtype=like.dtype).index_fill_(0, excluded, _EXCLUDED)[:C]
 
 
 def _tangent(g: torch.Tensor, w: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
@@ -264,7 +261,7 @@ def margin_cross_entropy(
         lse_rest, wn_t = _CosineRest.apply(xn, linear_weight, slots.clamp(max=C - 1), slots, s, chunk_bytes)
     else:
         wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
-        bias = torch.zeros(C + 1, device=wn.device, dtype=wn.dtype).index_fill_(0, slots, _EXCLUDED)[:C]
+        bias = _excluding_bias(C, slots, wn)
         _, lse_rest = linear_cross_entropy(
             xn, wn, torch.zeros_like(target), linear_bias=bias, scale=s, reduction="none", return_lse=True,
             impl=impl, memory_budget=memory_budget,

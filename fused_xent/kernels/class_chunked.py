@@ -76,7 +76,7 @@ def chunk_stats_kernel(
     """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
     chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows. A program
     reduces only the row max per tile and keeps its sums per element until its last tile
-    (the sum and lin reductions per tile cost 8-12 %, ``tune_stats.log``). With
+    (the sum and lin reductions per tile cost 7-10 %, ``tune_stats.log``). With
     ``STORE_LSE`` they also store each row's lse so far, ``LB_next = m + log(s)``, for the
     next chunk's bound.
 
