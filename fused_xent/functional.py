@@ -156,13 +156,20 @@ def _backward_impl(
     need_dw: bool,
     need_db: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``backend.backward`` on flat arguments (``aux`` from the forward): ``(dx_raw, dw, db)``
-    in the compute dtype, an empty tensor for each one not needed."""
+    """``backend.backward`` on flat arguments (``aux`` from the forward): ``(dx_raw, dw, db)``,
+    dx_raw and db in the compute dtype, dw in w's dtype (the class-chunked backends round it
+    there once; the others return fp32, narrowed here), an empty tensor for each one not
+    needed. The dtypes are the fake implementation's: compiled code reads these buffers as
+    the fake declares them."""
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     extra = {"log_p_max": aux} if aux.numel() else {}
     with torch.autocast(x.device.type, enabled=False):
         grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db, **extra)
-    return tuple(g if g is not None else x.new_empty((0,), dtype=reference.compute_dtype(x.dtype)) for g in grads)
+    wide = reference.compute_dtype(x.dtype)
+    return tuple(
+        g.to(dtype) if g is not None else x.new_empty((0,), dtype=dtype)
+        for g, dtype in zip(grads, (wide, w.dtype, wide), strict=True)
+    )
 
 
 _backward_op = torch.library.custom_op("fused_xent::linear_xent_backward", _backward_impl, mutates_args=())
@@ -174,11 +181,12 @@ def _(
     backend, need_dx, need_dw, need_db,
 ):  # fmt: skip
     (N, D), C = x.shape, w.shape[0]
+    wide = reference.compute_dtype(x.dtype)
 
-    def out(needed: bool, *shape: int) -> torch.Tensor:
-        return x.new_empty(shape if needed else (0,), dtype=reference.compute_dtype(x.dtype))
+    def out(needed: bool, dtype: torch.dtype, *shape: int) -> torch.Tensor:
+        return x.new_empty(shape if needed else (0,), dtype=dtype)
 
-    return out(need_dx, N, D), out(need_dw, C, D), out(need_db, C)
+    return out(need_dx, wide, N, D), out(need_dw, w.dtype, C, D), out(need_db, wide, C)
 
 
 def _setup_forward(ctx, inputs, output):
@@ -199,7 +207,7 @@ def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     )  # fmt: skip
     dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
     dx = dx_raw.mul_(scale).to(x.dtype) if need_x else None  # in place: no second fp32 N x D buffer
-    dw = dw.to(w.dtype) if need_w else None
+    dw = dw if need_w else None  # already in w's dtype (_backward_impl)
     db = db.to(b.dtype) if need_b else None
     return dx, dw, db, dscale, *[None] * 9  # targets, options, backend, need_grad
 
@@ -390,7 +398,8 @@ def linear_cross_entropy(
             the classes whose gradient stays below the dtype's resolution (eps / 32) on every
             row (opt-in, not exact); the forward bounds every class's probability over the
             rows, so the backward recomputes only the classes it keeps (with a bias gradient
-            it recomputes every chunk and flags classes on the exact rule). "triton":
+            it recomputes every chunk and flags classes on the exact rule; inside a captured
+            CUDA graph, where its counts cannot reach the host, it runs exact). "triton":
             all-Triton streaming kernels (atomics in the backward); "chunked": row chunks in
             plain torch; "reference": materialises the logits. All but "chunked" and
             "reference" also run on CPU tensors under ``TRITON_INTERPRET=1``.

@@ -455,7 +455,13 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
     deferred by one chunk (two chunk buffers, so the GPU computes chunk i + 1 while the host
     waits for chunk i's count). Deterministic: the flags are an order-free maximum, the
     GEMMs and gathers have fixed orders.
+
+    While a CUDA graph is being captured (``torch.compile(mode="reduce-overhead")``,
+    ``torch.cuda.graph``) no count can reach the host: the backward is then the exact one,
+    every class kept, and the graph replays that.
     """
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=None)
     eps = torch.finfo(x.dtype).eps * FILTER_EPS_FACTOR
     if log_p_max is not None and log_p_max.numel() and not need_db and (need_dx or need_dw) and x.shape[0]:
         return _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log_p_max, eps)
