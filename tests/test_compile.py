@@ -296,3 +296,24 @@ def test_custom_ops_return_what_their_fake_implementations_declare(backend, dtyp
         for rows in (6, 3):
             fast_args = (x, w, b, scale, targets, *options, "mean", rows, True, True, True, True)
             torch.library.opcheck(functional._fast_op, fast_args, test_utils=checks)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_open_clip_ops_return_what_their_fake_implementations_declare(dtype):
+    """As above for the CLIP lse ops (the Triton backend under the interpreter) and the
+    SigLIP block ops."""
+    from fused_xent.integrations import open_clip as oc
+
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.nn.functional.normalize(torch.randn(24, 8, generator=g), dim=-1).to(dtype) for _ in range(2))
+    scale, bias = torch.tensor([3.0]), torch.tensor([-2.0])
+    checks = ("test_schema", "test_faketensor")
+    for backend in ("lean", "chunked"):
+        torch.library.opcheck(oc._clip_forward_op, (x, y, scale, backend), test_utils=checks)
+        lse_row, lse_col, _ = oc._clip_forward_op(x, y, scale, backend)
+        gs = [torch.full((24,), v) for v in (0.5, -0.25, 1.0)]
+        args = (x, y, scale, lse_row, lse_col, *gs, backend)
+        torch.library.opcheck(oc._clip_backward_op, args, test_utils=checks)
+    torch.library.opcheck(oc._siglip_forward_op, (x, y, scale, bias, True), test_utils=checks)
+    args = (x, y, scale, bias, True, torch.tensor(0.5))
+    torch.library.opcheck(oc._siglip_backward_op, args, test_utils=checks)

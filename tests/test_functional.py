@@ -113,6 +113,16 @@ def test_weight_smoothing_ignore_bias(impl, reduction):
     check(impl, torch.float32, 37, 19, 101, reduction=reduction, bias=True, weight=True, ignore=5, label_smoothing=0.1)
 
 
+@pytest.mark.parametrize("tile", [dict(ROW_BLOCKS=3, COLS=256), dict(ROW_BLOCKS=2, COLS=1024)])
+def test_lean_bias_gradient_over_several_row_blocks_per_program(tile, monkeypatch):
+    """The grad kernel summing db over several row blocks per program (a partial last one at
+    N = 37 with 16-row blocks) and over column splits, against float64."""
+    from fused_xent.kernels import class_chunked
+
+    monkeypatch.setattr(class_chunked, "GRAD_DB_TILE", tile)
+    check("lean", torch.float32, 37, 19, 601, bias=True, label_smoothing=0.1, ignore=4)
+
+
 @pytest.mark.parametrize("impl", CPU_IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_probability_targets(impl, reduction):

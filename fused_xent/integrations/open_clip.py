@@ -333,6 +333,66 @@ class _SigLipBlock(torch.autograd.Function):
         )
 
 
+# While compiling, the block runs inside two custom ops as the CLIP backends do: inductor traced
+# into the chunk loops and, on CUDA in bf16, gave a zero image-feature gradient (H100, torch
+# 2.11, tests/test_gpu_compile.py); an opaque op runs the same code as eager.
+
+
+def _siglip_forward_impl(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positive_diag: bool
+) -> torch.Tensor:
+    return chunked_siglip_forward(x, y, scale, bias, positive_diag)
+
+
+_siglip_forward_op = torch.library.custom_op("fused_xent::siglip_block", _siglip_forward_impl, mutates_args=())
+
+
+@_siglip_forward_op.register_fake
+def _(x, y, scale, bias, positive_diag):
+    return x.new_empty((), dtype=compute_dtype(x.dtype))
+
+
+def _siglip_backward_impl(
+    x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, positive_diag: bool, g: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dy, dscale, dbias)``: dx and dy in the features' dtypes, the others (1,) fp32."""
+    with torch.autocast(x.device.type, enabled=False):
+        return chunked_siglip_backward(x, y, scale, bias, positive_diag, g)
+
+
+_siglip_backward_op = torch.library.custom_op(
+    "fused_xent::siglip_block_backward", _siglip_backward_impl, mutates_args=()
+)
+
+
+@_siglip_backward_op.register_fake
+def _(x, y, scale, bias, positive_diag, g):
+    wide = compute_dtype(x.dtype)
+    return torch.empty_like(x), torch.empty_like(y), x.new_empty((1,), dtype=wide), x.new_empty((1,), dtype=wide)
+
+
+def _siglip_setup(ctx, inputs, output):
+    x, y, scale, bias, positive_diag = inputs
+    ctx.save_for_backward(x, y, scale, bias)
+    ctx.positive_diag = positive_diag
+
+
+def _siglip_op_backward(ctx, g):
+    x, y, scale, bias = ctx.saved_tensors
+    dx, dy, dscale, dbias = _siglip_backward_op(x, y, scale, bias, ctx.positive_diag, g)
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dy if need[1] else None,
+        dscale.to(scale.dtype) if need[2] else None,
+        dbias.to(bias.dtype) if need[3] else None,
+        None,
+    )
+
+
+_siglip_forward_op.register_autograd(_siglip_op_backward, setup_context=_siglip_setup)
+
+
 def siglip_block_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -361,7 +421,10 @@ def siglip_block_loss(
     else:
         bias = _as_bias(logit_bias, image_features.device).reshape(1)
     with torch.autocast(image_features.device.type, enabled=False):
-        total = _SigLipBlock.apply(image_features, text_features, scale, bias, not negative_only)
+        if torch.compiler.is_compiling():
+            total = _siglip_forward_op(image_features, text_features, scale, bias, not negative_only)
+        else:
+            total = _SigLipBlock.apply(image_features, text_features, scale, bias, not negative_only)
     return total / image_features.shape[0]
 
 

@@ -154,10 +154,13 @@ def chunk_grad_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr,
+    BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr = 1,
 ):  # fmt: skip
-    """dU of one chunk, written over R. Program (i, j) covers rows block i and columns
-    ``[j * cols_per_program, ...)``. In place: a tile is read whole before it is written;
+    """dU of one chunk, written over R. Program (i, j) covers the ``ROW_BLOCKS`` row blocks
+    ``[i * ROW_BLOCKS, ...)`` of BLOCK_N rows and columns ``[j * cols_per_program, ...)``,
+    column tile by column tile. With ``COMPUTE_DB`` it sums each column's dU over its rows
+    element by element and reduces across rows once per column tile, storing the partial as
+    ``DB[i, col]``. In place: a tile is read whole before it is written;
     when dU is narrower than R (fp16 over fp32) one program owns whole rows, so its writes
     land only on bytes it has already read.
 
@@ -174,10 +177,12 @@ def chunk_grad_kernel(
 
     With ``HAS_COL_SCALE`` (see ``chunk_stats_kernel``; no WITH_STATS, GATHERED, FILTER or db)
     the stored dU is ``dU_ij * ColScale[j]``: the GEMMs after it then take W as it is in memory."""
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    first_row = tl.program_id(0).to(tl.int64) * (ROW_BLOCKS * BLOCK_N)
+    rows = first_row + tl.arange(0, BLOCK_N)
     row_mask = rows < N
     scale = tl.load(Scale).to(tl.float32)
     if WITH_STATS:
+        tl.static_assert(ROW_BLOCKS == 1)
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         lin = tl.zeros([BLOCK_N], tl.float32)
@@ -197,9 +202,6 @@ def chunk_grad_kernel(
         tl.store(ROWS + rows, tl.where(kept, coef * lse - lin + zl * lse * lse, 0.0), mask=row_mask)
         g = tl.where(kept, tl.load(G), 0.0)
         cp = g * (coef + 2.0 * zl * lse)
-    else:
-        lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
-        cp = tl.load(CP + rows, mask=row_mask, other=0.0)
     col_start = tl.program_id(1) * cols_per_program
     for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
@@ -208,32 +210,41 @@ def chunk_grad_kernel(
             cols = tl.load(Cols + local, mask=col_mask, other=0)
         else:
             cols = c0 + local
-        mask = row_mask[:, None] & col_mask[None, :]
-        r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
-        r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
-        z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-        tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
-                         HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-        if WITH_STATS:
-            tt = tt * g[:, None]
-        du = cp[:, None] * tl.exp(z - lse[:, None]) - tt
-        if HAS_SOFTCAP:
-            zc = z / softcap
-            du = du * (1.0 - zc * zc)
-        du = tl.where(mask, du, 0.0)
+        db_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        for block in tl.static_range(ROW_BLOCKS):
+            rows = first_row + block * BLOCK_N + tl.arange(0, BLOCK_N)
+            row_mask = rows < N
+            if not WITH_STATS:
+                lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+                cp = tl.load(CP + rows, mask=row_mask, other=0.0)
+            mask = row_mask[:, None] & col_mask[None, :]
+            r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=mask, other=0.0)
+            r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
+            z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+            if WITH_STATS:
+                tt = tt * g[:, None]
+            du = cp[:, None] * tl.exp(z - lse[:, None]) - tt
+            if HAS_SOFTCAP:
+                zc = z / softcap
+                du = du * (1.0 - zc * zc)
+            du = tl.where(mask, du, 0.0)
+            if COMPUTE_DB:
+                db_acc += du
+            if FILTER:  # flags only rise 0 -> 1: max is order-free, so they are deterministic
+                big = (tl.abs(du) >= filter_eps * tl.abs(cp)[:, None]) | (du != du)
+                # one atomic per significant entry of a column not yet flagged (a stale read of
+                # the flags only costs redundant atomics); no reduction across rows
+                seen = tl.load(Keep + local, mask=col_mask, other=1)
+                flags = tl.broadcast_to(Keep + local[None, :], (BLOCK_N, BLOCK_C))
+                ones = tl.full((BLOCK_N, BLOCK_C), 1, tl.int32)
+                tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
+            du = _col_scaled(du, ColScale, cols, col_mask, HAS_COL_SCALE)
+            tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
+            tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
         if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
-            tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(du, axis=0), mask=col_mask)
-        if FILTER:  # flags only rise 0 -> 1: max is order-free, so they are deterministic
-            big = (tl.abs(du) >= filter_eps * tl.abs(cp)[:, None]) | (du != du)
-            # one atomic per significant entry of a column not yet flagged (a stale read of
-            # the flags only costs redundant atomics); no reduction across rows
-            seen = tl.load(Keep + local, mask=col_mask, other=1)
-            flags = tl.broadcast_to(Keep + local[None, :], (BLOCK_N, BLOCK_C))
-            ones = tl.full((BLOCK_N, BLOCK_C), 1, tl.int32)
-            tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
-        du = _col_scaled(du, ColScale, cols, col_mask, HAS_COL_SCALE)
-        tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
-        tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
+            tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(db_acc, axis=0), mask=col_mask)
 
 
 def _mm_fp32(a, b, out=None):
@@ -297,10 +308,10 @@ def budget_chunk_bytes(budget: int, N: int, D: int, dtype: torch.dtype, unit_sca
     While the chunks run, their workspace beside dW is the fp32 dX accumulator (dX itself comes
     after the last chunk, so its bytes count towards the budget), ``BUDGET_SLACK_BYTES`` and, per
     class of the chunk: its N logits, its fp32 row of dW before the scale unless the scale is 1
-    (``_dense_chunk_grads``), and its fp32 bias partials (one per ``_GRAD_BLOCK_N`` rows) when the
+    (``_dense_chunk_grads``), and its fp32 bias partials (``_db_part_rows``) when the
     bias needs a gradient."""
     logit_bytes = N * _chunk_dtype(dtype).itemsize
-    per_class = logit_bytes + (0 if unit_scale else 4 * D) + (4 * triton.cdiv(N, _GRAD_BLOCK_N) if bias_grad else 0)
+    per_class = logit_bytes + (0 if unit_scale else 4 * D) + (4 * _db_part_rows(N) if bias_grad else 0)
     classes = (budget + N * D * dtype.itemsize - 4 * N * D - BUDGET_SLACK_BYTES) // per_class
     return max(MIN_BUDGET_CHUNK_BYTES, classes * logit_bytes)
 
@@ -545,7 +556,7 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     bufs = [_chunk(x, C, opts.chunk_bytes) for _ in range(2 if filtering else 1)]
     cc = bufs[0].shape[1]
     kargs = _kernel_args(b, rt_g, opts, None if w_norm is None else w_norm.reciprocal())
-    db_part = torch.empty((triton.cdiv(N, _GRAD_BLOCK_N), cc), device=x.device) if need_db else None
+    db_part = torch.empty((_db_part_rows(N), cc), device=x.device) if need_db else None
     if filtering:  # per buffer: the count of flagged classes on the host, and its event
         keep = torch.empty(cc, device=x.device, dtype=torch.int32)
         counts = torch.empty(2, dtype=torch.int32, pin_memory=x.is_cuda)
@@ -587,8 +598,19 @@ def _bounded_pieces(whole, cols, cc: int) -> list[tuple[int, int, torch.Tensor |
     return pieces
 
 
-#: Rows per program of the backward's grad kernel (its partial-db rows follow it).
+#: Rows per tile of the backward's grad kernel.
 _GRAD_BLOCK_N = 16
+#: The grad kernel's launch when it also sums db: row blocks per program (each program then
+#: reduces across rows once per column tile instead of once per tile) and the columns per
+#: program. Without db: one row block, 1024 columns. H100, ViT-21k head (lean at 128 MiB):
+#: the kernel took 0.498 ms per step with one row block, 0.343 with two, 0.36-0.43 with 4-16
+#: (``benchmarks/tune_grad_db.py``; 0.153 without db).
+GRAD_DB_TILE = dict(ROW_BLOCKS=2, COLS=1024)
+
+
+def _db_part_rows(N: int) -> int:
+    """Rows of the grad kernel's partial bias sums: one per program along the rows."""
+    return triton.cdiv(N, _GRAD_BLOCK_N * GRAD_DB_TILE["ROW_BLOCKS"])
 
 
 def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db_part=None, keep=None,
@@ -604,16 +626,17 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
         du = raw
     else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
         du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
-    col_split = triton.cdiv(width, 1024) if du.dtype == raw.dtype else 1
+    row_blocks, program_cols = (GRAD_DB_TILE["ROW_BLOCKS"], GRAD_DB_TILE["COLS"]) if db_part is not None else (1, 1024)
+    col_split = triton.cdiv(width, program_cols) if du.dtype == raw.dtype else 1
     cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
     pointers, t_strides, flags = kargs
-    chunk_grad_kernel[(triton.cdiv(N, _GRAD_BLOCK_N), col_split)](
+    chunk_grad_kernel[(triton.cdiv(N, _GRAD_BLOCK_N * row_blocks), col_split)](
         raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
         db_part if db_part is not None else lse, db_part.stride(0) if db_part is not None else 0,
         keep if keep is not None else lse, cols if cols is not None else lse, lse, lse, lse, lse, N, width,
         c0, cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
         COMPUTE_DB=db_part is not None, FILTER=keep is not None, WITH_STATS=False, GATHERED=cols is not None,
-        **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, num_warps=8,
+        **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, ROW_BLOCKS=row_blocks, num_warps=8,
     )  # fmt: skip
     return du
 
