@@ -320,17 +320,23 @@ class _SigLipBlock(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        x, y, scale, bias = ctx.saved_tensors
-        with torch.autocast(x.device.type, enabled=False):
-            dx, dy, dscale, dbias = chunked_siglip_backward(x, y, scale, bias, ctx.positive_diag, g)
-        need = ctx.needs_input_grad
-        return (
-            dx if need[0] else None,
-            dy if need[1] else None,
-            dscale.to(scale.dtype) if need[2] else None,
-            dbias.to(bias.dtype) if need[3] else None,
-            None,
-        )
+        return _siglip_block_backward(ctx, g)
+
+
+def _siglip_block_backward(ctx, g, backward=chunked_siglip_backward):
+    """The block's input gradients from ``backward`` (the chunked function, or its custom op
+    while compiling) on the saved tensors."""
+    x, y, scale, bias = ctx.saved_tensors
+    with torch.autocast(x.device.type, enabled=False):
+        dx, dy, dscale, dbias = backward(x, y, scale, bias, ctx.positive_diag, g)
+    need = ctx.needs_input_grad
+    return (
+        dx if need[0] else None,
+        dy if need[1] else None,
+        dscale.to(scale.dtype) if need[2] else None,
+        dbias.to(bias.dtype) if need[3] else None,
+        None,
+    )
 
 
 # While compiling, the block runs inside two custom ops as the CLIP backends do: inductor traced
@@ -378,16 +384,7 @@ def _siglip_setup(ctx, inputs, output):
 
 
 def _siglip_op_backward(ctx, g):
-    x, y, scale, bias = ctx.saved_tensors
-    dx, dy, dscale, dbias = _siglip_backward_op(x, y, scale, bias, ctx.positive_diag, g)
-    need = ctx.needs_input_grad
-    return (
-        dx if need[0] else None,
-        dy if need[1] else None,
-        dscale.to(scale.dtype) if need[2] else None,
-        dbias.to(bias.dtype) if need[3] else None,
-        None,
-    )
+    return _siglip_block_backward(ctx, g, backward=_siglip_backward_op)
 
 
 _siglip_forward_op.register_autograd(_siglip_op_backward, setup_context=_siglip_setup)
