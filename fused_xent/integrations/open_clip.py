@@ -314,8 +314,7 @@ class _SigLipBlock(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, y, scale, bias, positive_diag: bool):
-        ctx.save_for_backward(x, y, scale, bias)
-        ctx.positive_diag = positive_diag
+        _siglip_setup(ctx, (x, y, scale, bias, positive_diag), None)
         return chunked_siglip_forward(x, y, scale, bias, positive_diag)
 
     @staticmethod
@@ -378,6 +377,7 @@ def _(x, y, scale, bias, positive_diag, g):
 
 
 def _siglip_setup(ctx, inputs, output):
+    """What both backwards read: the inputs, and which diagonal is positive."""
     x, y, scale, bias, positive_diag = inputs
     ctx.save_for_backward(x, y, scale, bias)
     ctx.positive_diag = positive_diag
