@@ -16,6 +16,16 @@ def sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+def capability(device: torch.device) -> int:
+    """The CUDA device's compute capability major (9 for Hopper)."""
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _capability(device_index: int) -> int:
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
 def target_programs(device: torch.device) -> int:
     """How many programs fill the machine: a few waves of the multiprocessors."""
     if device.type != "cuda":

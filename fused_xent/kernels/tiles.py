@@ -50,6 +50,32 @@ def logit_tile(
 
 
 @triton.jit
+def raw_tile_tma(
+    x_desc,
+    w_desc,
+    r0,
+    c0,
+    D,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``X[r0 : r0 + BLOCK_N] @ W[c0 : c0 + BLOCK_C].T`` in fp32, the operands read through TMA
+    tensor descriptors (rows and columns past the ends read as zeros)."""
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for k in tl.range(0, tl.cdiv(D, BLOCK_D)):
+        x = x_desc.load([r0, k * BLOCK_D])
+        w = w_desc.load([c0, k * BLOCK_D])
+        if UPCAST:  # the CPU interpreter mis-multiplies bf16 operands
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
 def logit_epilogue(raw, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """``softcap(scale * raw + b[cols])`` in fp32 for a tile of raw products ``x . w``."""
     z = raw * scale
