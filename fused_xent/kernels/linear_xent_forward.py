@@ -10,9 +10,9 @@ sum ``s = sum exp(z - m)`` in registers. The splits' partials are combined on th
 side by a log-sum-exp over at most a few dozen values per row: deterministic, no atomics.
 
 Where the operands allow it (16-bit, rows 16-byte aligned, Hopper or later, and always under the
-interpreter) X and W tiles come through TMA tensor descriptors: H100, Gemma 2 head, 20.1 ms
-(480 TFLOP/s) with pointer loads against 15.6 ms (618 TFLOP/s) through descriptors
-(``benchmarks/tune_forward_tma.py``).
+interpreter) X and W tiles come through TMA tensor descriptors: H100, Gemma 2 head forward only,
+19.9 ms with pointer loads against 15.5-17.2 ms through descriptors
+(``benchmarks/NVIDIA-H100-80GB-HBM3/tune_forward_tma.log``, run 7).
 """
 
 import torch
