@@ -221,14 +221,17 @@ def test_forward_only_matches_training_forward():
         assert torch.allclose(a, bb.detach(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("D, tma", [(16, True), (13, False)])
+@pytest.mark.parametrize("D, tma", [(16, True), (13, False), ("broadcast", False)])
 def test_forward_kernel_through_descriptors_and_pointers(D, tma):
     """The streaming forward reads X and W through TMA descriptors where rows are 16-byte
-    aligned, else through pointers; both give torch's value (bias, smoothing, softcap, z-loss,
-    ragged row and class tiles)."""
+    aligned and distinct, else through pointers (rows of 13 fp32, or one row broadcast to all
+    with stride 0); both give torch's value (bias, smoothing, softcap, z-loss, ragged row and
+    class tiles)."""
     from fused_xent.kernels.linear_xent_forward import tma_loads
 
-    x, w, b, y, _ = make_problem(37, D, 101, torch.float32, bias=True, ignore=3)
+    x, w, b, y, _ = make_problem(37, 16 if D == "broadcast" else D, 101, torch.float32, bias=True, ignore=3)
+    if D == "broadcast":
+        x = x[:1].expand_as(x)
     assert tma_loads(x, w) is tma
     kw = dict(label_smoothing=0.1, softcap=3.0, z_loss=1e-3, reduction="none")
     with torch.no_grad():

@@ -184,10 +184,13 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
 
 def tma_loads(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether the forward kernel reads X and W through TMA descriptors: unit column stride,
-    16-byte aligned base and rows, 16-bit operands on a GPU of compute capability 9 or later
-    (any dtype under the interpreter, where it is how CI tests this path)."""
+    16-byte aligned base and rows, rows that do not overlap (a broadcast operand, row stride 0,
+    goes through pointers), 16-bit operands on a GPU of compute capability 9 or later (any dtype
+    under the interpreter, where it is how CI tests this path)."""
     for t in (x, w):
         if t.stride(1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+        if t.shape[0] > 1 and t.stride(0) < t.shape[1]:
             return False
     if config.interpreting():
         return True
