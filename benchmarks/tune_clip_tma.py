@@ -1,0 +1,297 @@
+"""Experiment (not used by the package): CLIP's lean passes with the products from TMA Triton tiles.
+
+The lean CLIP loss (``fused_xent.kernels.clip_chunked``) stores each block of products from a
+cuBLAS GEMM and reads it back in Triton: the forward's stats kernel (row and column
+log-sum-exp, diagonal), the backward's grad kernel (dz over the block in place). At B = 32768,
+D = 768 bf16 on the H100 its step is 13.3-13.6 ms against SPEC's 12; the kernels take 12.37 ms
+(session 4's profile: four GEMMs 9.45 ms, grad kernel 1.71, stats 0.98). Session 4 fused the
+grad kernel into a Triton GEMM with pointer loads: 335 TFLOP/s, slower in all (14.2 ms).
+
+Here the products come through TMA descriptors (session 7: the streaming forward went from 480
+to 560-625 TFLOP/s that way):
+
+- forward, ``clip_stats_tma_kernel``: program (row group g, column split s) walks its column
+  tiles, and down each its row group's 128-row blocks; per tile it folds ``z`` into the rows'
+  running (max, sum-exp) of split s (read and written back, one writer per (s, row)), into the
+  tile's column (max, sum-exp) carried in registers down the group and stored once per
+  (g, column), and stores the diagonal. Partials ``(S, B)`` and ``(G, B)`` merged by the
+  production ``_merge_base2``. No block of logits at all.
+- backward, ``clip_dz_tma_kernel``: each program recomputes one tile of products and writes
+  ``scale * dz`` (bf16) into the block buffer the production backward's cuBLAS dX / dY GEMMs
+  read, and its ``sum dz R`` into its own slot (for the scale's gradient). The recompute GEMM
+  and the grad kernel's read / write of the block become one pass.
+
+The script times the production forward and backward against these (same inputs, bf16), checks
+their results against each other, then times ``FusedClipLoss`` fw+bw with each pair swapped in
+and reports the gradient error against fp32, as ``benchmarks/bench_clip.py`` does.
+
+    PYTHONPATH=. python benchmarks/tune_clip_tma.py [--B 32768] [--D 768] [--quick]
+"""
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from triton.testing import do_bench
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+import fused_xent.kernels.clip_chunked as clip_mod
+from fused_xent.kernels import config
+from fused_xent.kernels.class_chunked import _accumulate, _chunk_ranges
+from fused_xent.kernels.tiles import raw_tile_tma
+
+PROD_FORWARD = clip_mod.clip_chunked_forward
+PROD_BACKWARD = clip_mod.clip_chunked_backward
+LOG2E = 1.4426950408889634
+
+#: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) of the forward and of the backward kernel.
+FORWARD_TILE = dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
+BACKWARD_TILE = dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def clip_stats_tma_kernel(
+    x_desc, y_desc, Scale, RowM, RowS, ColM, ColS, Diag, B, D, rows_per_group, tiles_per_split,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Row partials ``(RowM, RowS)[s, rows]`` and column partials ``(ColM, ColS)[g, cols]`` of
+    ``z = scale * X @ Y.T`` (maxima in base 2), and ``Diag[i] = z_ii``; see the module text."""
+    g = tl.program_id(0)
+    sp = tl.program_id(1)
+    scale2 = tl.load(Scale).to(tl.float32) * 1.4426950408889634
+    first_row = g * rows_per_group
+    last_row = tl.minimum(first_row + rows_per_group, B)
+    first_col = sp * tiles_per_split * BLOCK_C
+    n_tiles = tl.minimum(tiles_per_split, tl.cdiv(B - first_col, BLOCK_C))
+    stats = sp.to(tl.int64) * B
+    for t in range(0, n_tiles):
+        c0 = first_col + t * BLOCK_C
+        cols = c0 + tl.arange(0, BLOCK_C)
+        col_mask = cols < B
+        cm = tl.full([BLOCK_C], float("-inf"), dtype=tl.float32)
+        cs = tl.zeros([BLOCK_C], dtype=tl.float32)
+        for r0 in range(first_row, last_row, BLOCK_N):
+            rows = r0 + tl.arange(0, BLOCK_N)
+            row_mask = rows < last_row
+            raw = raw_tile_tma(x_desc, y_desc, r0, c0, D, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+            z = tl.where(row_mask[:, None] & col_mask[None, :], raw * scale2, float("-inf"))
+            m = tl.load(RowM + stats + rows, mask=row_mask, other=float("-inf"))
+            s = tl.load(RowS + stats + rows, mask=row_mask, other=0.0)
+            m_new = tl.maximum(m, tl.max(z, axis=1))
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp2(m - m_ref) + tl.sum(tl.exp2(z - m_ref[:, None]), axis=1)
+            tl.store(RowM + stats + rows, m_new, mask=row_mask)
+            tl.store(RowS + stats + rows, s, mask=row_mask)
+            cm_new = tl.maximum(cm, tl.max(z, axis=0))
+            cm_ref = tl.where(cm_new == float("-inf"), 0.0, cm_new)
+            cs = cs * tl.exp2(cm - cm_ref) + tl.sum(tl.exp2(z - cm_ref[None, :]), axis=0)
+            cm = cm_new
+            if (r0 < c0 + BLOCK_C) & (c0 < r0 + BLOCK_N):  # the tile meets i == j
+                d = tl.sum(tl.where(rows[:, None] == cols[None, :], z, 0.0), axis=1) / 1.4426950408889634
+                tl.store(Diag + rows, d, mask=row_mask & (rows >= c0) & (rows < c0 + BLOCK_C))
+        tl.store(ColM + g.to(tl.int64) * B + cols, cm, mask=col_mask)
+        tl.store(ColS + g.to(tl.int64) * B + cols, cs, mask=col_mask)
+
+
+def clip_forward_tma(x, y, scale):
+    """``clip_chunked_forward``'s ``(lse_row, lse_col, diag)`` with no block of logits."""
+    if x.dtype not in (torch.bfloat16, torch.float16) and not config.interpreting():
+        return PROD_FORWARD(x, y, scale)
+    x, y = x.contiguous(), y.contiguous()
+    B, D = x.shape
+    tile = FORWARD_TILE if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, num_warps=4, num_stages=2)
+    bn, bc, bd = tile["BLOCK_N"], tile["BLOCK_C"], tile["BLOCK_D"]
+    n_row_blocks, n_tiles = triton.cdiv(B, bn), triton.cdiv(B, bc)
+    target = config.target_programs(x.device) if x.is_cuda else 4
+    groups = max(1, min(n_row_blocks, int(target**0.5 * 1.4)))  # more row groups than column splits
+    splits = max(1, min(n_tiles, triton.cdiv(target, groups)))
+    rows_per_group = triton.cdiv(n_row_blocks, groups) * bn
+    groups = triton.cdiv(B, rows_per_group)
+    per = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, per)
+    row_m = torch.full((splits, B), float("-inf"), device=x.device)
+    row_s = torch.zeros((splits, B), device=x.device)
+    col_m = torch.empty((groups, B), device=x.device)
+    col_s = torch.empty((groups, B), device=x.device)
+    diag = torch.empty(B, device=x.device)
+    x_desc = TensorDescriptor(x, [B, D], [D, 1], [bn, bd])
+    y_desc = TensorDescriptor(y, [B, D], [D, 1], [bc, bd])
+    clip_stats_tma_kernel[(groups, splits)](
+        x_desc, y_desc, scale, row_m, row_s, col_m, col_s, diag, B, D, rows_per_group, per,
+        **config.dot_options(x.dtype), **tile,
+    )  # fmt: skip
+    return clip_mod._merge_base2(row_m, row_s), clip_mod._merge_base2(col_m, col_s), diag
+
+
+@triton.jit
+def clip_dz_tma_kernel(
+    x_desc, y_desc, G, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
+    stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``dz * out_scale`` of one tile of the block (rows ``r0 + [0, n_rows)``, columns
+    ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid]`` gets
+    the program's ``sum dz R * out_scale``. GROUP_M row tiles are walked together (their
+    column operand stays in L2)."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
+    first_m = pid // per_group * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    local_r0 = (first_m + pid % per_group % group_rows) * BLOCK_N
+    local_c0 = (pid % per_group // group_rows) * BLOCK_C
+    local_rows = local_r0 + tl.arange(0, BLOCK_N)
+    local_cols = local_c0 + tl.arange(0, BLOCK_C)
+    row_mask = local_rows < n_rows
+    col_mask = local_cols < width
+    rows = r0 + local_rows
+    cols = c0 + local_cols
+    r = raw_tile_tma(x_desc, y_desc, r0 + local_r0, c0 + local_c0, D, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+    scale2 = tl.load(Scale).to(tl.float32) * 1.4426950408889634
+    out_scale = tl.load(OutScale)
+    lse_r = tl.load(LseRow + rows, mask=row_mask, other=0.0) * 1.4426950408889634
+    g_r = tl.load(GRow + rows * stride_grow, mask=row_mask, other=0.0) * out_scale
+    g_d = tl.load(GDiag + rows * stride_gdiag, mask=row_mask, other=0.0) * out_scale
+    lse_c = tl.load(LseCol + cols, mask=col_mask, other=0.0) * 1.4426950408889634
+    g_c = tl.load(GCol + cols * stride_gcol, mask=col_mask, other=0.0) * out_scale
+    z2 = r * scale2
+    dz = g_r[:, None] * tl.exp2(z2 - lse_r[:, None]) + g_c[None, :] * tl.exp2(z2 - lse_c[None, :])
+    dz += tl.where(rows[:, None] == cols[None, :], g_d[:, None], 0.0)
+    valid = row_mask[:, None] & col_mask[None, :]
+    dz = tl.where(valid, dz, 0.0)
+    out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
+    tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
+    tl.store(DS + pid, tl.sum(tl.sum(dz * r, axis=1), axis=0))
+
+
+def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
+    """``clip_chunked_backward`` (bf16) with each block's products and dz from one kernel."""
+    if x.dtype != torch.bfloat16 and not (config.interpreting() and x.dtype == torch.float32):
+        return PROD_BACKWARD(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag)
+    x, y = x.contiguous(), y.contiguous()
+    B, D = x.shape
+    out_scale = scale.reshape(())
+    tile = BACKWARD_TILE if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, GROUP_M=2, num_warps=4,
+                                                num_stages=2)  # fmt: skip
+    bn, bc, bd = tile["BLOCK_N"], tile["BLOCK_C"], tile["BLOCK_D"]
+    tile_rows = min(B, clip_mod.TILE_ROWS)
+    cc = clip_mod.chunk_cols(tile_rows, D, x.dtype, clip_mod.CHUNK_BYTES)
+    buf = torch.empty((tile_rows, cc), device=x.device, dtype=x.dtype)
+    n_prog = triton.cdiv(tile_rows, bn) * triton.cdiv(cc, bc)
+    ds_part = torch.zeros((triton.cdiv(B, tile_rows) * len(_chunk_ranges(B, cc)), n_prog), device=x.device)
+    dy = torch.empty_like(y)
+    dy_acc = torch.empty((cc, D), device=x.device)
+    dx_acc = torch.empty((B, D), device=x.device)
+    x_desc = TensorDescriptor(x, [B, D], [D, 1], [bn, bd])
+    y_desc = TensorDescriptor(y, [B, D], [D, 1], [bc, bd])
+    slot = 0
+    for c0, c1 in _chunk_ranges(B, cc):
+        width = c1 - c0
+        for r0 in range(0, B, tile_rows):
+            n_rows = min(tile_rows, B - r0)
+            dz = buf[:n_rows, :width]
+            grid = (triton.cdiv(n_rows, bn) * triton.cdiv(width, bc),)
+            clip_dz_tma_kernel[grid](
+                x_desc, y_desc, dz, dz.stride(0), scale, lse_row, lse_col, g_row, g_col, g_diag, out_scale,
+                ds_part[slot], g_row.stride(0), g_col.stride(0), g_diag.stride(0), n_rows, r0, width, c0, D,
+                **config.dot_options(x.dtype), **tile,
+            )  # fmt: skip
+            slot += 1
+            _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
+            _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
+        dy[c0:c1].copy_(dy_acc[:width])
+    del buf, dz, dy_acc
+    dx = dx_acc if x.dtype == torch.float32 else dx_acc.to(x.dtype)
+    return dx, dy, (ds_part.sum() / out_scale).reshape(1)
+
+
+def _rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--B", type=int, default=32768)
+    parser.add_argument("--D", type=int, default=768)
+    parser.add_argument("--quick", action="store_true", help="B = 2048 (checks the script, not the timing)")
+    args = parser.parse_args()
+    from fused_xent.integrations.open_clip import FusedClipLoss
+
+    B = 2048 if args.quick else args.B
+    D = args.D
+    g = torch.Generator(device="cuda").manual_seed(0)
+    images = F.normalize(torch.randn(B, D, device="cuda", generator=g), dim=-1).bfloat16().requires_grad_()
+    texts = F.normalize(torch.randn(B, D, device="cuda", generator=g), dim=-1).bfloat16().requires_grad_()
+    scale = torch.tensor(100.0 / 1.5, device="cuda")
+    print(f"# B={B} D={D} bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    x, y = images.detach(), texts.detach()
+    ref = PROD_FORWARD(x, y, scale)
+    ms = do_bench(lambda: PROD_FORWARD(x, y, scale), warmup=10, rep=100, return_mode="median")
+    print(f"forward  production {ms:6.2f} ms", flush=True)
+    for cfg in [dict(BLOCK_N=128, BLOCK_C=128, num_warps=8), dict(BLOCK_N=128, BLOCK_C=256, num_warps=8),
+                dict(BLOCK_N=128, BLOCK_C=128, num_warps=4)]:  # fmt: skip
+        FORWARD_TILE.update(cfg)
+        try:
+            got = clip_forward_tma(x, y, scale)
+            ms = do_bench(lambda: clip_forward_tma(x, y, scale), warmup=10, rep=100, return_mode="median")
+            diffs = " ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(got, ref, strict=True))
+            print(f"forward  TMA {cfg} {ms:6.2f} ms, max |diff| lse_row lse_col diag: {diffs}", flush=True)
+        except Exception as e:  # a row, not a crash
+            print(f"forward  TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
+    FORWARD_TILE.update(BLOCK_N=128, BLOCK_C=128, num_warps=8)
+    lse_r, lse_c, _ = ref
+    gr = torch.full((B,), 0.5 / B, device="cuda")
+    gd = torch.full((B,), -1.0 / B, device="cuda")
+    bref = PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd)
+    ms = do_bench(lambda: PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
+                  return_mode="median")  # fmt: skip
+    print(f"backward production {ms:6.2f} ms", flush=True)
+    for cfg in [dict(BLOCK_N=128, BLOCK_C=128, num_warps=8), dict(BLOCK_N=128, BLOCK_C=256, num_warps=8),
+                dict(BLOCK_N=128, BLOCK_C=128, num_warps=4)]:  # fmt: skip
+        BACKWARD_TILE.update(cfg)
+        try:
+            got = clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd)
+            ms = do_bench(lambda: clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
+                          return_mode="median")  # fmt: skip
+            diffs = " ".join(f"{_rel(a, b):.1e}" for a, b in zip(got, bref, strict=True))
+            print(f"backward TMA {cfg} {ms:6.2f} ms, rel diff dX dY dscale: {diffs}", flush=True)
+        except Exception as e:  # a row, not a crash
+            print(f"backward TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
+    BACKWARD_TILE.update(BLOCK_N=128, BLOCK_C=128, num_warps=8)
+    # the whole step, each pair swapped into the lean CLIP backend (it imports them per call)
+    i32, t32 = images.detach().float().requires_grad_(), texts.detach().float().requires_grad_()
+    labels = torch.arange(B, device="cuda")
+    logits = scale * i32 @ t32.T
+    ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
+    del logits
+    for label, pair in [("production", (PROD_FORWARD, PROD_BACKWARD)), ("TMA", (clip_forward_tma, clip_backward_tma))]:
+        clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = pair
+        try:
+            loss_fn = FusedClipLoss(impl="lean")
+
+            def step(loss_fn=loss_fn):
+                images.grad = texts.grad = None
+                loss_fn(images, texts, scale).backward()
+
+            step()
+            err = (_rel(images.grad, i32.grad), _rel(texts.grad, t32.grad))
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            images.grad = texts.grad = None
+            step()
+            torch.cuda.synchronize()
+            peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+            ms = do_bench(step, warmup=10, rep=100, return_mode="median")
+            print(f"FusedClipLoss step [{label}] {ms:6.2f} ms, peak {peak:.0f} MiB, grad err vs fp32 {err[0]:.1e} / "
+                  f"{err[1]:.1e}", flush=True)  # fmt: skip
+        finally:
+            clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = PROD_FORWARD, PROD_BACKWARD
+
+
+if __name__ == "__main__":
+    main()
