@@ -8,12 +8,15 @@ shared memory); with ``4 x SMs`` programs wanted, Gemma 2 gets 64 row blocks x 9
 - the production kernel through TMA descriptors, at a few tiles, over the number of splits
   (``span``: tiles one multiprocessor runs in sequence, one program at a time);
 - a standalone kernel of the same math (``tma_forward_kernel``): nested class / D loops or one
-  flattened loop.
+  flattened loop; with one production feature at a time (how session 7 found the epilogue's
+  cost); and with a leaner epilogue (not yet run on a GPU): the target logit from outside the
+  kernel (``x_i . w_{y_i}``, one batched dot), no column mask where C is a multiple of the tile,
+  ``exp2`` of one fused multiply-add.
 
 Every variant's lse and target logit are checked against the production kernel's (``diff``).
-Prints ms and TFLOP/s.
+Prints ms and TFLOP/s. ``--no-splits`` skips the production kernel's sweep over splits.
 
-    PYTHONPATH=. python benchmarks/tune_forward_tma.py [--quick]
+    PYTHONPATH=. python benchmarks/tune_forward_tma.py [--quick] [--no-splits]
 """
 
 import argparse
@@ -42,6 +45,21 @@ def _fold(m, s, lin, z, cols, col_mask, y):
 
 
 @triton.jit
+def _fold_rows(m, s, z, col_mask, EVEN: tl.constexpr, EXP2: tl.constexpr):
+    """The rows' online max / sum-exp only. ``EVEN``: no masked column (C a multiple of the
+    tile); ``EXP2``: ``exp2(z log2e - m log2e)``, one fused multiply-add before the exp2."""
+    zm = z if EVEN else tl.where(col_mask[None, :], z, float("-inf"))
+    m_new = tl.maximum(m, tl.max(zm, axis=1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    if EXP2:
+        m_l = m_ref * 1.4426950408889634
+        s = s * tl.exp2(m * 1.4426950408889634 - m_l) + tl.sum(tl.exp2(zm * 1.4426950408889634 - m_l[:, None]), axis=1)
+    else:
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zm - m_ref[:, None]), axis=1)
+    return m_new, s
+
+
+@triton.jit
 def tma_forward_kernel(
     x_desc,
     w_desc,
@@ -58,6 +76,9 @@ def tma_forward_kernel(
     HELPER: tl.constexpr,
     PROD_EPILOGUE: tl.constexpr,
     ROWS64: tl.constexpr,
+    LEAN: tl.constexpr,
+    EVEN: tl.constexpr,
+    EXP2: tl.constexpr,
     STAGES: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -108,6 +129,8 @@ def tma_forward_kernel(
                 col_mask = cols < C
                 m, s, lin = _fold(m, s, lin, z, cols, col_mask, y)
                 z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
+            elif LEAN:  # the target logit comes from outside the kernel
+                m, s = _fold_rows(m, s, acc, cols < C, EVEN, EXP2)
             else:
                 m, s, lin = _fold(m, s, lin, acc, cols, cols < C, y)
     out = pid_s * N + rows
@@ -127,7 +150,10 @@ def makespan(n_row_blocks: int, n_tiles: int, splits: int, sms: int) -> int:
     return triton.cdiv(n_row_blocks * splits, sms) * per
 
 
-def tma_forward(x, w, y, splits, cfg, flatten, helper=False, prod_epilogue=False, rows64=False):
+def tma_forward(x, w, y, splits, cfg, flatten, helper=False, prod_epilogue=False, rows64=False, lean=False,
+                even=False, exp2=False):  # fmt: skip
+    """lse and target logit through the standalone kernel; with ``lean`` the kernel folds the
+    rows' max / sum-exp only and the target logit is ``x_i . w_{y_i}`` from torch (fp32)."""
     N, D = x.shape
     C = w.shape[0]
     bn, bc, bd = cfg["BLOCK_N"], cfg["BLOCK_C"], cfg["BLOCK_D"]
@@ -138,17 +164,21 @@ def tma_forward(x, w, y, splits, cfg, flatten, helper=False, prod_epilogue=False
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bc, bd])
     tma_forward_kernel[(n_row_blocks, splits)](
         x_desc, w_desc, y, part[0], part[1], part[2], N, C, D, per, torch.ones(1, device=x.device),
-        FLATTEN=flatten, HELPER=helper, PROD_EPILOGUE=prod_epilogue, ROWS64=rows64, STAGES=cfg["num_stages"],
-        BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=cfg["num_warps"],
+        FLATTEN=flatten, HELPER=helper, PROD_EPILOGUE=prod_epilogue, ROWS64=rows64, LEAN=lean, EVEN=even, EXP2=exp2,
+        STAGES=cfg["num_stages"], BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=cfg["num_warps"],
     )  # fmt: skip
     m, s, lin = part
     m_max = m.max(0).values
-    return m_max + torch.log((s * torch.exp(m - m_max)).sum(0)), lin.sum(0)
+    lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(0))
+    if lean:
+        return lse, torch.einsum("nd,nd->n", x.float(), w.index_select(0, y).float())
+    return lse, lin.sum(0)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small shape (checks the script, not the timing)")
+    parser.add_argument("--no-splits", action="store_true", help="skip the production kernel's sweep over splits")
     args = parser.parse_args()
     N, D, C = (512, 256, 4000) if args.quick else (8192, 2304, 256000)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -185,7 +215,7 @@ def main() -> None:
         )
         fwd.tma_loads = orig_tma
         tiles = [base]  # num_stages=4 measured slower at every split (tune_forward_tma.log run 3)
-        for rnd in (1, 2):  # two rounds: run-to-run spread on these machines is ~1-2 ms
+        for rnd in () if args.no_splits else (1, 2):  # two rounds: run-to-run spread on these machines is ~1-2 ms
             for cfg in tiles:
                 config.forward_blocks = lambda device, cfg=cfg: dict(cfg)
                 rb, ct = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["BLOCK_C"])
@@ -209,7 +239,10 @@ def main() -> None:
             lambda flatten=flatten: tma_forward(x, w, y, 125, base, flatten),
         )
     for name, kw in [("helper GEMM", dict(helper=True)), ("prod epilogue", dict(prod_epilogue=True)),
-                     ("int64 rows", dict(rows64=True))]:  # fmt: skip
+                     ("int64 rows", dict(rows64=True)), ("target logit outside", dict(lean=True)),
+                     ("target outside, no column mask", dict(lean=True, even=C % base["BLOCK_C"] == 0)),
+                     ("target outside, no mask, exp2 fma", dict(lean=True, even=C % base["BLOCK_C"] == 0, exp2=True)),
+                     ("target outside, exp2 fma", dict(lean=True, exp2=True))]:  # fmt: skip
         report(f"standalone tma nest splits=125 + {name}", lambda kw=kw: tma_forward(x, w, y, 125, base, False, **kw))
 
 
