@@ -203,9 +203,13 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
             slot += 1
             _accumulate(dy_acc[:width], dz.T, x[r0 : r0 + n_rows], first_chunk=r0 == 0)
             _accumulate(dx_acc[r0 : r0 + n_rows], dz, y[c0:c1], first_chunk=c0 == 0)
-        dy[c0:c1].copy_(dy_acc[:width])
+        clip_mod._finish(dy_acc[:width], None, dy[c0:c1])
     del buf, dz, dy_acc
-    dx = dx_acc if x.dtype == torch.float32 else dx_acc.to(x.dtype)
+    if x.dtype == torch.float32:
+        dx = dx_acc
+    else:
+        dx = torch.empty_like(x)
+        clip_mod._finish(dx_acc, None, dx)
     return dx, dy, (ds_part.sum() / out_scale).reshape(1)
 
 

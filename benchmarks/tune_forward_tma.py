@@ -136,6 +136,7 @@ def tma_forward_kernel(
     out = pid_s * N + rows
     tl.store(M_out + out, m, mask=rows < N)
     tl.store(S_out + out, s, mask=rows < N)
+    # z_sum feeds the store so that the compiler keeps PROD_EPILOGUE's extra pass (its cost is the point)
     tl.store(L_out + out, lin + 0.0 * z_sum, mask=rows < N)
 
 
