@@ -25,6 +25,9 @@ The script times the production forward and backward against these (same inputs,
 their results against each other, then times ``FusedClipLoss`` fw+bw with each pair swapped in
 and reports the gradient error against fp32, as ``benchmarks/bench_clip.py`` does.
 
+Session 8 sweeps both kernels' tiles (``FORWARD_SWEEP``, ``BACKWARD_SWEEP``), then times the step
+twice, alternating, with the best backward (and the best forward where it beats production's).
+
     PYTHONPATH=. python benchmarks/tune_clip_tma.py [--B 32768] [--D 768] [--quick]
 """
 
@@ -48,7 +51,17 @@ LOG2E = 1.4426950408889634
 
 #: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) of the forward and of the backward kernel.
 FORWARD_TILE = dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
-BACKWARD_TILE = dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=64, GROUP_M=8, num_warps=8, num_stages=3)
+BACKWARD_TILE = dict(BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, GROUP_M=8, STORE_TMA=False, num_warps=8, num_stages=3)
+#: Configurations swept (session 8): (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) forward;
+#: the same plus (GROUP_M, STORE_TMA) backward. Session 7's first run: forward best at 128 x 128
+#: with 4 warps (3.95 ms against production's 3.46), backward at 128 x 256 with 8 (9.09 / 9.76).
+FORWARD_SWEEP = [(128, 128, 64, 4, 3), (128, 128, 64, 4, 4), (128, 128, 128, 4, 2), (128, 128, 128, 4, 3),
+                 (64, 128, 64, 4, 3), (64, 256, 64, 4, 3), (64, 128, 128, 4, 3), (128, 64, 64, 4, 3),
+                 (128, 128, 64, 8, 4), (64, 256, 64, 8, 3)]  # fmt: skip
+BACKWARD_SWEEP = [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 3, 8, True), (128, 256, 64, 8, 4, 8, True),
+                  (128, 256, 128, 8, 2, 8, True), (256, 128, 64, 8, 3, 8, True), (128, 256, 64, 8, 3, 16, True),
+                  (128, 256, 64, 8, 3, 4, True), (128, 128, 64, 4, 4, 8, True), (128, 128, 64, 8, 4, 8, True),
+                  (256, 128, 64, 8, 4, 8, True)]  # fmt: skip
 
 
 @triton.jit
@@ -128,15 +141,16 @@ def clip_forward_tma(x, y, scale):
 
 @triton.jit
 def clip_dz_tma_kernel(
-    x_desc, y_desc, G, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
+    x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
     stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D,
-    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``dz * out_scale`` of one tile of the block (rows ``r0 + [0, n_rows)``, columns
     ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid]`` gets
     the program's ``sum dz R * out_scale``. GROUP_M row tiles are walked together (their
-    column operand stays in L2)."""
+    column operand stays in L2). ``STORE_TMA``: the tile leaves through ``g_desc`` (a TMA
+    store, clipped at the view's edges) instead of masked pointer stores."""
     pid = tl.program_id(0)
     n_m = tl.cdiv(n_rows, BLOCK_N)
     per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
@@ -163,8 +177,11 @@ def clip_dz_tma_kernel(
     dz += tl.where(rows[:, None] == cols[None, :], g_d[:, None], 0.0)
     valid = row_mask[:, None] & col_mask[None, :]
     dz = tl.where(valid, dz, 0.0)
-    out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
-    tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
+    if STORE_TMA:
+        g_desc.store([local_r0, local_c0], dz.to(G.dtype.element_ty))
+    else:
+        out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
+        tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
     tl.store(DS + pid, tl.sum(tl.sum(dz * r, axis=1), axis=0))
 
 
@@ -175,8 +192,8 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     x, y = x.contiguous(), y.contiguous()
     B, D = x.shape
     out_scale = scale.reshape(())
-    tile = BACKWARD_TILE if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, GROUP_M=2, num_warps=4,
-                                                num_stages=2)  # fmt: skip
+    tile = BACKWARD_TILE if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, GROUP_M=2, STORE_TMA=True,
+                                                num_warps=4, num_stages=2)  # fmt: skip
     bn, bc, bd = tile["BLOCK_N"], tile["BLOCK_C"], tile["BLOCK_D"]
     tile_rows = min(B, clip_mod.TILE_ROWS)
     cc = clip_mod.chunk_cols(tile_rows, D, x.dtype, clip_mod.CHUNK_BYTES)
@@ -195,8 +212,9 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
             n_rows = min(tile_rows, B - r0)
             dz = buf[:n_rows, :width]
             grid = (triton.cdiv(n_rows, bn) * triton.cdiv(width, bc),)
+            g_desc = TensorDescriptor(dz, [n_rows, width], [dz.stride(0), 1], [bn, bc]) if tile["STORE_TMA"] else x_desc
             clip_dz_tma_kernel[grid](
-                x_desc, y_desc, dz, dz.stride(0), scale, lse_row, lse_col, g_row, g_col, g_diag, out_scale,
+                x_desc, y_desc, dz, g_desc, dz.stride(0), scale, lse_row, lse_col, g_row, g_col, g_diag, out_scale,
                 ds_part[slot], g_row.stride(0), g_col.stride(0), g_diag.stride(0), n_rows, r0, width, c0, D,
                 **config.dot_options(x.dtype), **tile,
             )  # fmt: skip
@@ -234,46 +252,65 @@ def main() -> None:
     print(f"# B={B} D={D} bf16, {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     x, y = images.detach(), texts.detach()
     ref = PROD_FORWARD(x, y, scale)
-    ms = do_bench(lambda: PROD_FORWARD(x, y, scale), warmup=10, rep=100, return_mode="median")
-    print(f"forward  production {ms:6.2f} ms", flush=True)
-    for cfg in [dict(BLOCK_N=128, BLOCK_C=128, num_warps=8), dict(BLOCK_N=128, BLOCK_C=256, num_warps=8),
-                dict(BLOCK_N=128, BLOCK_C=128, num_warps=4)]:  # fmt: skip
+    prod_fw = do_bench(lambda: PROD_FORWARD(x, y, scale), warmup=10, rep=100, return_mode="median")
+    print(f"forward  production {prod_fw:6.2f} ms", flush=True)
+    best_fw = (float("inf"), None)
+    for bn, bc, bd, warps, stages in FORWARD_SWEEP[:2] if args.quick else FORWARD_SWEEP:
+        cfg = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
         FORWARD_TILE.update(cfg)
         try:
             got = clip_forward_tma(x, y, scale)
             ms = do_bench(lambda: clip_forward_tma(x, y, scale), warmup=10, rep=100, return_mode="median")
             diffs = " ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(got, ref, strict=True))
-            print(f"forward  TMA {cfg} {ms:6.2f} ms, max |diff| lse_row lse_col diag: {diffs}", flush=True)
+            print(f"forward  TMA {bn}x{bc}x{bd} w{warps} s{stages} {ms:6.2f} ms, max |diff| lse_row lse_col diag:"
+                  f" {diffs}", flush=True)  # fmt: skip
+            best_fw = min(best_fw, (ms, cfg), key=lambda t: t[0])
         except Exception as e:  # a row, not a crash
             print(f"forward  TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
-    FORWARD_TILE.update(BLOCK_N=128, BLOCK_C=128, num_warps=8)
     lse_r, lse_c, _ = ref
     gr = torch.full((B,), 0.5 / B, device="cuda")
     gd = torch.full((B,), -1.0 / B, device="cuda")
     bref = PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd)
-    ms = do_bench(lambda: PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
-                  return_mode="median")  # fmt: skip
-    print(f"backward production {ms:6.2f} ms", flush=True)
-    for cfg in [dict(BLOCK_N=128, BLOCK_C=128, num_warps=8), dict(BLOCK_N=128, BLOCK_C=256, num_warps=8),
-                dict(BLOCK_N=128, BLOCK_C=128, num_warps=4)]:  # fmt: skip
+    prod_bw = do_bench(lambda: PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
+                       return_mode="median")  # fmt: skip
+    print(f"backward production {prod_bw:6.2f} ms", flush=True)
+    best_bw = (float("inf"), None)
+    for bn, bc, bd, warps, stages, group_m, store_tma in BACKWARD_SWEEP[:2] if args.quick else BACKWARD_SWEEP:
+        cfg = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages, GROUP_M=group_m,
+                   STORE_TMA=store_tma)  # fmt: skip
         BACKWARD_TILE.update(cfg)
         try:
             got = clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd)
             ms = do_bench(lambda: clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
                           return_mode="median")  # fmt: skip
             diffs = " ".join(f"{_rel(a, b):.1e}" for a, b in zip(got, bref, strict=True))
-            print(f"backward TMA {cfg} {ms:6.2f} ms, rel diff dX dY dscale: {diffs}", flush=True)
+            print(f"backward TMA {bn}x{bc}x{bd} w{warps} s{stages} g{group_m} tma-store={store_tma} {ms:6.2f} ms,"
+                  f" rel diff dX dY dscale: {diffs}", flush=True)  # fmt: skip
+            best_bw = min(best_bw, (ms, cfg), key=lambda t: t[0])
         except Exception as e:  # a row, not a crash
             print(f"backward TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
-    BACKWARD_TILE.update(BLOCK_N=128, BLOCK_C=128, num_warps=8)
+    print(f"best forward {best_fw}, best backward {best_bw}", flush=True)
+    if best_fw[1] is not None:
+        FORWARD_TILE.update(best_fw[1])
+    if best_bw[1] is not None:
+        BACKWARD_TILE.update(best_bw[1])
+    forward = clip_forward_tma if best_fw[0] < prod_fw else PROD_FORWARD
     # the whole step, each pair swapped into the lean CLIP backend (it imports them per call)
     i32, t32 = images.detach().float().requires_grad_(), texts.detach().float().requires_grad_()
     labels = torch.arange(B, device="cuda")
     logits = scale * i32 @ t32.T
     ((F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2).backward()
     del logits
-    for label, pair in [("production", (PROD_FORWARD, PROD_BACKWARD)), ("TMA", (clip_forward_tma, clip_backward_tma))]:
+    prod, tma = (PROD_FORWARD, PROD_BACKWARD), (forward, clip_backward_tma)
+    mib = 2**20
+    # (label, pair, backward's TILE_ROWS, CHUNK_BYTES): production's tiling, then taller / wider tiles
+    runs = [("production", prod, 16384, 96 * mib), ("TMA backward", tma, 16384, 96 * mib),
+            ("TMA backward", tma, 8192, 96 * mib), ("TMA backward", tma, 16384, 128 * mib),
+            ("production", prod, 16384, 96 * mib), ("TMA backward", tma, 16384, 96 * mib)]  # fmt: skip
+    for label, pair, tile_rows, chunk_bytes in runs:
         clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = pair
+        clip_mod.TILE_ROWS, clip_mod.CHUNK_BYTES = tile_rows, chunk_bytes
+        label = f"{label}, tiles of {tile_rows} rows x {chunk_bytes // mib} MiB"
         try:
             loss_fn = FusedClipLoss(impl="lean")
 
@@ -283,10 +320,10 @@ def main() -> None:
 
             step()
             err = (_rel(images.grad, i32.grad), _rel(texts.grad, t32.grad))
+            images.grad = texts.grad = None  # before the baseline: the peak counts the new gradients
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-            images.grad = texts.grad = None
             step()
             torch.cuda.synchronize()
             peak = (torch.cuda.max_memory_allocated() - base) / 2**20
@@ -294,7 +331,8 @@ def main() -> None:
             print(f"FusedClipLoss step [{label}] {ms:6.2f} ms, peak {peak:.0f} MiB, grad err vs fp32 {err[0]:.1e} / "
                   f"{err[1]:.1e}", flush=True)  # fmt: skip
         finally:
-            clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = PROD_FORWARD, PROD_BACKWARD
+            clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = prod
+            clip_mod.TILE_ROWS, clip_mod.CHUNK_BYTES = 16384, 96 * mib
 
 
 if __name__ == "__main__":

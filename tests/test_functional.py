@@ -240,6 +240,22 @@ def test_forward_kernel_through_descriptors_and_pointers(D, tma):
     assert rel_err(got, ref) < 1e-6
 
 
+@pytest.mark.parametrize("C", [63, 64, 65])
+def test_forward_kernel_targets_at_every_class(C):
+    """Every class is some row's first and some row's second (mixup) target, so targets fall on
+    the first and last column of class tiles (32 wide under the interpreter) and in a last tile
+    with one column, a full one, or all but one: the streaming forward only visits tiles that
+    hold a target and masks columns past C in the last tile alone."""
+    x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=True)
+    y = torch.arange(2 * C) % C
+    y2 = (7 * torch.arange(2 * C) + 3) % C
+    lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = linear_cross_entropy(x, w, y, linear_bias=b, target2=y2, lam=lam, reduction="none", impl="triton")
+    ref = torch_linear_xent(x.double(), w.double(), y, b=b.double(), target2=y2, lam=lam.double(), reduction="none")
+    assert rel_err(got, ref) < 1e-6
+
+
 def test_module_matches_function():
     x, w, b, y, cw = make_problem(17, 9, 23, torch.float32, bias=True, weight=True, ignore=3)
     mod = fused_xent.LinearCrossEntropyLoss(cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
