@@ -23,7 +23,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fused_xent.kernels import config
 from fused_xent.kernels.tiles import logit_epilogue, logit_tile, raw_tile_tma, target_args, target_tile
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
