@@ -35,15 +35,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old", default="scratch/old_forward.py")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--variant", default=None, help="a third kernel file timed beside the two")
     parser.add_argument("--cases", nargs="*", default=["gemma2", "llama3", "extreme_1m", "vit21k"])
     args = parser.parse_args()
     old = load_old(args.old)
+    variant = load_old(args.variant) if args.variant else None
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for name in args.cases:
-        compare(name, CASES[name], old, args.rounds)
+        compare(name, CASES[name], old, args.rounds, variant)
 
 
-def compare(name: str, case: dict, old, rounds: int) -> None:
+def compare(name: str, case: dict, old, rounds: int, variant=None) -> None:
     x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
     x, w = x.detach(), w.detach()
     b = b.detach() if b is not None else None
@@ -58,16 +60,22 @@ def compare(name: str, case: dict, old, rounds: int) -> None:
     ref, got = call(old), call(new)
     d_lse = (got[0] - ref[0]).abs().max().item()
     d_lin = (got[1] - ref[1]).abs().max().item()
-    times = {"old": [], "new": []}
+    kernels = [("old", old), ("new", new)] + ([("variant", variant)] if variant else [])
+    times = {label: [] for label, _ in kernels}
     for _ in range(rounds):
-        for label, module in (("old", old), ("new", new)):
+        for label, module in kernels:
             times[label].append(do_bench(lambda m=module: call(m), warmup=10, rep=100, return_mode="median"))
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"{name}: old {med['old']:6.2f} ms ({flops / med['old'] / 1e9:4.0f} TFLOP/s) rounds"
         f" {' '.join(f'{t:.2f}' for t in times['old'])} | new {med['new']:6.2f} ms"
         f" ({flops / med['new'] / 1e9:4.0f} TFLOP/s) rounds {' '.join(f'{t:.2f}' for t in times['new'])}"
-        f" | max |diff| lse {d_lse:.1e} lin {d_lin:.1e}",
+        f" | max |diff| lse {d_lse:.1e} lin {d_lin:.1e}"
+        + (
+            f" | variant {med['variant']:6.2f} ms rounds {' '.join(f'{t:.2f}' for t in times['variant'])}"
+            if variant
+            else ""
+        ),
         flush=True,
     )
 

@@ -23,8 +23,6 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fused_xent.kernels import config
 from fused_xent.kernels.tiles import logit_epilogue, logit_tile, raw_tile_tma, target_args, target_tile
 
-LOG2E = tl.constexpr(1.4426950408889634)
-
 
 @triton.jit
 def linear_xent_forward_kernel(
@@ -119,26 +117,21 @@ def linear_xent_forward_kernel(
                 X, W, Bias, rows, row_mask, cols, col_mask, D, stride_xn, stride_xd, stride_wc, stride_wd,
                 scale, softcap, HAS_BIAS, HAS_SOFTCAP, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D,
             )  # fmt: skip
-        c_end = c0 + BLOCK_C
-        if c_end > C:  # only the last tile has columns past C
-            zm = tl.where(col_mask[None, :], z, float("-inf"))
-        else:
-            zm = z
+        zm = tl.where(col_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(zm, axis=1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) * LOG2E  # a row's first tiles may be all masked
-        # exp(z - m) as exp2 of one fused multiply-add per element
-        s = s * tl.exp2(m * LOG2E - m_ref) + tl.sum(tl.exp2(zm * LOG2E - m_ref[:, None]), axis=1)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row's first tiles may be all masked
+        s = s * tl.exp(m - m_ref) + tl.sum(tl.exp(zm - m_ref[:, None]), axis=1)
         m = m_new
         if SPARSE:
             if HAS_SMOOTHING:
                 z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-            # a row's target logit is in one tile of all its classes: only a tile that holds
+            # a row's target logit lies in one tile of all its classes: only a tile that holds
             # some row's target passes over the tile for it
             if HAS_HARD:
-                if tl.max(((y1 >= c0) & (y1 < c_end)).to(tl.int32), axis=0) > 0:
+                if tl.max(((y1 >= c0) & (y1 < c0 + BLOCK_C)).to(tl.int32), axis=0) > 0:
                     z1 += tl.sum(tl.where(cols[None, :] == y1[:, None], z, 0.0), axis=1)
                 if HAS_Y2:
-                    if tl.max(((y2 >= c0) & (y2 < c_end)).to(tl.int32), axis=0) > 0:
+                    if tl.max(((y2 >= c0) & (y2 < c0 + BLOCK_C)).to(tl.int32), axis=0) > 0:
                         z2 += tl.sum(tl.where(cols[None, :] == y2[:, None], z, 0.0), axis=1)
         elif NEED_LIN:
             tt = target_tile(
