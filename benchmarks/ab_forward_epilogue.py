@@ -1,14 +1,14 @@
-"""A/B of the streaming forward's epilogue (session 8) against the kernel it replaced, in one process.
+"""A/B of copies of the streaming forward's module (``linear_xent_forward.py``) in one process.
 
-The new epilogue (``fused_xent.kernels.linear_xent_forward``): columns past C masked in the last
-class tile only, ``exp2`` of one fused multiply-add per element, and a row's target logit picked
-out only in the class tile that holds some row's target (was: every tile). The old kernel is read
-from a copy of its file (``--old``, default ``scratch/old_forward.py``: ``git show
-590fa6f:fused_xent/kernels/linear_xent_forward.py``). Rounds alternate old / new on the same
-inputs (bf16, no-grad forward, the bench cases' shapes); prints ms and the largest difference of
-lse and of the target term.
+Each argument is a path to a copy of ``fused_xent/kernels/linear_xent_forward.py`` with a change
+to its kernel, or ``production`` (the package's own). Rounds alternate the kernels on the same
+inputs (bf16, no-grad forward, the bench cases' shapes); prints the median ms, TFLOP/s, every
+round, and the largest difference of lse and of the target term from the first kernel's.
 
-    PYTHONPATH=. python benchmarks/ab_forward_epilogue.py [--old PATH] [--rounds 3]
+Session 8 measured three candidate epilogues this way (``ab_forward_epilogue.log``, with each
+candidate's diff): none beat the kernel of session 7, which stays.
+
+    PYTHONPATH=. python benchmarks/ab_forward_epilogue.py production PATH [PATH ...] [--rounds 3]
 """
 
 import argparse
@@ -21,11 +21,13 @@ from triton.testing import do_bench
 
 from fused_xent.bench import CASES, make_inputs
 from fused_xent.formulation import XentOptions, build_row_targets
-from fused_xent.kernels import linear_xent_forward as new
+from fused_xent.kernels import linear_xent_forward as production
 
 
-def load_old(path: str):
-    spec = importlib.util.spec_from_file_location("old_linear_xent_forward", path)
+def load(path: str):
+    if path == "production":
+        return production
+    spec = importlib.util.spec_from_file_location(f"candidate_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -33,19 +35,17 @@ def load_old(path: str):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--old", default="scratch/old_forward.py")
+    parser.add_argument("kernels", nargs="+", help="'production' or paths to copies of linear_xent_forward.py")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--variant", default=None, help="a third kernel file timed beside the two")
     parser.add_argument("--cases", nargs="*", default=["gemma2", "llama3", "extreme_1m", "vit21k"])
     args = parser.parse_args()
-    old = load_old(args.old)
-    variant = load_old(args.variant) if args.variant else None
+    kernels = [(path, load(path)) for path in args.kernels]
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     for name in args.cases:
-        compare(name, CASES[name], old, args.rounds, variant)
+        compare(name, CASES[name], kernels, args.rounds)
 
 
-def compare(name: str, case: dict, old, rounds: int, variant=None) -> None:
+def compare(name: str, case: dict, kernels: list, rounds: int) -> None:
     x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
     x, w = x.detach(), w.detach()
     b = b.detach() if b is not None else None
@@ -57,27 +57,20 @@ def compare(name: str, case: dict, old, rounds: int, variant=None) -> None:
     def call(module):
         return module.linear_xent_forward(x, w, b, one, rt, opts)
 
-    ref, got = call(old), call(new)
-    d_lse = (got[0] - ref[0]).abs().max().item()
-    d_lin = (got[1] - ref[1]).abs().max().item()
-    kernels = [("old", old), ("new", new)] + ([("variant", variant)] if variant else [])
+    ref = call(kernels[0][1])
     times = {label: [] for label, _ in kernels}
     for _ in range(rounds):
         for label, module in kernels:
             times[label].append(do_bench(lambda m=module: call(m), warmup=10, rep=100, return_mode="median"))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(
-        f"{name}: old {med['old']:6.2f} ms ({flops / med['old'] / 1e9:4.0f} TFLOP/s) rounds"
-        f" {' '.join(f'{t:.2f}' for t in times['old'])} | new {med['new']:6.2f} ms"
-        f" ({flops / med['new'] / 1e9:4.0f} TFLOP/s) rounds {' '.join(f'{t:.2f}' for t in times['new'])}"
-        f" | max |diff| lse {d_lse:.1e} lin {d_lin:.1e}"
-        + (
-            f" | variant {med['variant']:6.2f} ms rounds {' '.join(f'{t:.2f}' for t in times['variant'])}"
-            if variant
-            else ""
-        ),
-        flush=True,
-    )
+    for label, module in kernels:
+        got = call(module)
+        ms = statistics.median(times[label])
+        print(
+            f"{name} {label}: {ms:6.2f} ms ({flops / ms / 1e9:4.0f} TFLOP/s), rounds"
+            f" {' '.join(f'{t:.2f}' for t in times[label])}; max |diff| from the first: lse"
+            f" {(got[0] - ref[0]).abs().max().item():.1e}, lin {(got[1] - ref[1]).abs().max().item():.1e}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -20,6 +20,9 @@ one (time, lse difference, the fraction of classes the backward's filter keeps f
 bound), then the whole filtered fw+bw with this forward swapped in (``fused_xent.bench``'s
 ``run_case``: time, peak memory, errors against fp32) beside the production one.
 
+Session 8's run (``tune_bounded_tma.log``): slower than production everywhere (1M bounded forward
+17.7-18.1 ms against 14.68, filtered fw+bw 22.15 against 18.26; Gemma 2 fw+bw 30.2 against 24.5).
+
     PYTHONPATH=. python benchmarks/tune_bounded_tma.py [--quick] [--cases extreme_1m gemma2]
 """
 

@@ -27,6 +27,9 @@ and reports the gradient error against fp32, as ``benchmarks/bench_clip.py`` doe
 
 Session 8 sweeps both kernels' tiles (``FORWARD_SWEEP``, ``BACKWARD_SWEEP``), then times the step
 twice, alternating, with the best backward (and the best forward where it beats production's).
+Result (``tune_clip_tma.log``): the TMA forward is slower at every tile (3.95 ms at best against
+3.42-3.46); the TMA backward ties production's (9.70 against 9.72 ms on the second machine); the
+step 13.25 against 13.33 ms. Not adopted.
 
     PYTHONPATH=. python benchmarks/tune_clip_tma.py [--B 32768] [--D 768] [--quick]
 """

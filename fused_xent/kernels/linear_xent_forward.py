@@ -125,14 +125,10 @@ def linear_xent_forward_kernel(
         if SPARSE:
             if HAS_SMOOTHING:
                 z_sum += tl.sum(tl.where(col_mask[None, :], z, 0.0), axis=1)
-            # a row's target logit lies in one tile of all its classes: only a tile that holds
-            # some row's target passes over the tile for it
             if HAS_HARD:
-                if tl.max(((y1 >= c0) & (y1 < c0 + BLOCK_C)).to(tl.int32), axis=0) > 0:
-                    z1 += tl.sum(tl.where(cols[None, :] == y1[:, None], z, 0.0), axis=1)
+                z1 += tl.sum(tl.where(cols[None, :] == y1[:, None], z, 0.0), axis=1)
                 if HAS_Y2:
-                    if tl.max(((y2 >= c0) & (y2 < c0 + BLOCK_C)).to(tl.int32), axis=0) > 0:
-                        z2 += tl.sum(tl.where(cols[None, :] == y2[:, None], z, 0.0), axis=1)
+                    z2 += tl.sum(tl.where(cols[None, :] == y2[:, None], z, 0.0), axis=1)
         elif NEED_LIN:
             tt = target_tile(
                 Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
