@@ -234,6 +234,23 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     return dx, dy, (ds_part.sum() / out_scale).reshape(1)
 
 
+def _sweep(label: str, tile: dict, configs: list[dict], run, ref, diff_name: str, diff) -> tuple:
+    """Time ``run`` with ``tile`` set to each configuration in turn; prints a row each (an
+    error is a row, not a crash) and returns the fastest as ``(ms, config)``."""
+    best = (float("inf"), None)
+    for cfg in configs:
+        tile.update(cfg)
+        try:
+            got = run()
+            ms = do_bench(run, warmup=10, rep=100, return_mode="median")
+            diffs = " ".join(f"{diff(a, b):.1e}" for a, b in zip(got, ref, strict=True))
+            print(f"{label} TMA {cfg} {ms:6.2f} ms, {diff_name}: {diffs}", flush=True)
+            best = min(best, (ms, cfg), key=lambda t: t[0])
+        except Exception as e:  # a row, not a crash
+            print(f"{label} TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
+    return best
+
+
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
@@ -257,19 +274,11 @@ def main() -> None:
     ref = PROD_FORWARD(x, y, scale)
     prod_fw = do_bench(lambda: PROD_FORWARD(x, y, scale), warmup=10, rep=100, return_mode="median")
     print(f"forward  production {prod_fw:6.2f} ms", flush=True)
-    best_fw = (float("inf"), None)
-    for bn, bc, bd, warps, stages in FORWARD_SWEEP[:2] if args.quick else FORWARD_SWEEP:
-        cfg = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
-        FORWARD_TILE.update(cfg)
-        try:
-            got = clip_forward_tma(x, y, scale)
-            ms = do_bench(lambda: clip_forward_tma(x, y, scale), warmup=10, rep=100, return_mode="median")
-            diffs = " ".join(f"{(a - b).abs().max().item():.1e}" for a, b in zip(got, ref, strict=True))
-            print(f"forward  TMA {bn}x{bc}x{bd} w{warps} s{stages} {ms:6.2f} ms, max |diff| lse_row lse_col diag:"
-                  f" {diffs}", flush=True)  # fmt: skip
-            best_fw = min(best_fw, (ms, cfg), key=lambda t: t[0])
-        except Exception as e:  # a row, not a crash
-            print(f"forward  TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
+    forward_cfgs = [dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
+                    for bn, bc, bd, warps, stages in FORWARD_SWEEP]  # fmt: skip
+    best_fw = _sweep("forward ", FORWARD_TILE, forward_cfgs[:2] if args.quick else forward_cfgs,
+                     lambda: clip_forward_tma(x, y, scale), ref, "max |diff| lse_row lse_col diag",
+                     lambda a, b: (a - b).abs().max().item())  # fmt: skip
     lse_r, lse_c, _ = ref
     gr = torch.full((B,), 0.5 / B, device="cuda")
     gd = torch.full((B,), -1.0 / B, device="cuda")
@@ -277,21 +286,12 @@ def main() -> None:
     prod_bw = do_bench(lambda: PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
                        return_mode="median")  # fmt: skip
     print(f"backward production {prod_bw:6.2f} ms", flush=True)
-    best_bw = (float("inf"), None)
-    for bn, bc, bd, warps, stages, group_m, store_tma in BACKWARD_SWEEP[:2] if args.quick else BACKWARD_SWEEP:
-        cfg = dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages, GROUP_M=group_m,
-                   STORE_TMA=store_tma)  # fmt: skip
-        BACKWARD_TILE.update(cfg)
-        try:
-            got = clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd)
-            ms = do_bench(lambda: clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
-                          return_mode="median")  # fmt: skip
-            diffs = " ".join(f"{_rel(a, b):.1e}" for a, b in zip(got, bref, strict=True))
-            print(f"backward TMA {bn}x{bc}x{bd} w{warps} s{stages} g{group_m} tma-store={store_tma} {ms:6.2f} ms,"
-                  f" rel diff dX dY dscale: {diffs}", flush=True)  # fmt: skip
-            best_bw = min(best_bw, (ms, cfg), key=lambda t: t[0])
-        except Exception as e:  # a row, not a crash
-            print(f"backward TMA {cfg} error {type(e).__name__}: {str(e)[:200]}", flush=True)
+    backward_cfgs = [dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages, GROUP_M=group_m,
+                          STORE_TMA=store_tma)
+                     for bn, bc, bd, warps, stages, group_m, store_tma in BACKWARD_SWEEP]  # fmt: skip
+    best_bw = _sweep("backward", BACKWARD_TILE, backward_cfgs[:2] if args.quick else backward_cfgs,
+                     lambda: clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd), bref,
+                     "rel diff dX dY dscale", _rel)  # fmt: skip
     print(f"best forward {best_fw}, best backward {best_bw}", flush=True)
     if best_fw[1] is not None:
         FORWARD_TILE.update(best_fw[1])

@@ -244,8 +244,9 @@ def test_forward_kernel_through_descriptors_and_pointers(D, tma):
 def test_forward_kernel_targets_at_every_class(C):
     """Every class is some row's first and some row's second (mixup) target, so targets fall on
     the first and last column of class tiles (32 wide under the interpreter) and in a last tile
-    with one column, a full one, or all but one: the streaming forward only visits tiles that
-    hold a target and masks columns past C in the last tile alone."""
+    with one column, a full one, or all but one: the streaming forward's target logits and its
+    column mask hold at every tile edge (session 8's candidates that skipped tiles or masked the
+    last tile alone had to pass this)."""
     x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=True)
     y = torch.arange(2 * C) % C
     y2 = (7 * torch.arange(2 * C) + 3) % C
