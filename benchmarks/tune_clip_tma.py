@@ -54,7 +54,9 @@ LOG2E = 1.4426950408889634
 
 #: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) of the forward and of the backward kernel.
 FORWARD_TILE = dict(BLOCK_N=128, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=3)
-BACKWARD_TILE = dict(BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, GROUP_M=8, STORE_TMA=False, num_warps=8, num_stages=3)
+BACKWARD_TILE = dict(
+    BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, GROUP_M=8, STORE_TMA=False, WS=False, num_warps=8, num_stages=3
+)
 #: Configurations swept (session 8): (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages) forward;
 #: the same plus (GROUP_M, STORE_TMA) backward. Session 7's first run: forward best at 128 x 128
 #: with 4 warps (3.95 ms against production's 3.46), backward at 128 x 256 with 8 (9.09 / 9.76).
@@ -65,6 +67,12 @@ BACKWARD_SWEEP = [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 3, 8, True),
                   (128, 256, 128, 8, 2, 8, True), (256, 128, 64, 8, 3, 8, True), (128, 256, 64, 8, 3, 16, True),
                   (128, 256, 64, 8, 3, 4, True), (128, 128, 64, 4, 4, 8, True), (128, 128, 64, 8, 4, 8, True),
                   (256, 128, 64, 8, 4, 8, True)]  # fmt: skip
+#: Session 9: the backward kernel warp-specialised (Triton 3.6's Hopper pass; 4 warps per group,
+#: so 12 in all), one persistent program per multiprocessor: the same fields.
+#: A TMA store of dz does not compile warp-specialised (Triton 3.6): pointer stores only.
+WS_SWEEP = [(128, 256, 64, 4, 3, 8, False), (128, 256, 64, 4, 2, 8, False), (256, 128, 64, 4, 3, 8, False),
+            (128, 128, 64, 4, 4, 8, False), (256, 128, 64, 4, 4, 8, False),
+            (128, 256, 64, 4, 3, 16, False)]  # fmt: skip
 
 
 @triton.jit
@@ -147,16 +155,34 @@ def clip_dz_tma_kernel(
     x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
     stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    WS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``dz * out_scale`` of one tile of the block (rows ``r0 + [0, n_rows)``, columns
-    ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid]`` gets
-    the program's ``sum dz R * out_scale``. GROUP_M row tiles are walked together (their
+    ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid * BLOCK_N + i]``
+    gets the tile's ``sum_j dz R * out_scale`` per row. GROUP_M row tiles are walked together (their
     column operand stays in L2). ``STORE_TMA``: the tile leaves through ``g_desc`` (a TMA
-    store, clipped at the view's edges) instead of masked pointer stores."""
-    pid = tl.program_id(0)
+    store, clipped at the view's edges) instead of masked pointer stores. Programs walk the
+    tiles ``pid, pid + programs, ...`` (one each without ``WS``; with ``WS`` one program per
+    multiprocessor, the loop warp-specialised by Triton's Hopper pass: a producer warp group
+    issues the TMA loads, two consumer groups each take half of the tile's rows)."""
     n_m = tl.cdiv(n_rows, BLOCK_N)
     per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
+    for pid in tl.range(tl.program_id(0), n_m * tl.cdiv(width, BLOCK_C), tl.num_programs(0), warp_specialize=WS):
+        _dz_tile(
+            x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
+            stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D, pid, n_m, per_group,
+            UPCAST, DOT_PRECISION, GROUP_M, STORE_TMA, BLOCK_N, BLOCK_C, BLOCK_D,
+        )  # fmt: skip
+
+
+@triton.jit
+def _dz_tile(
+    x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
+    stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D, pid, n_m, per_group,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """Tile ``pid`` of ``clip_dz_tma_kernel``."""
     first_m = pid // per_group * GROUP_M
     group_rows = tl.minimum(n_m - first_m, GROUP_M)
     local_r0 = (first_m + pid % per_group % group_rows) * BLOCK_N
@@ -185,7 +211,8 @@ def clip_dz_tma_kernel(
     else:
         out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
         tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
-    tl.store(DS + pid, tl.sum(tl.sum(dz * r, axis=1), axis=0))
+    # per row: a sum across the rows would cross the halves the warp-specialised consumers own
+    tl.store(DS + pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(dz * r, axis=1))
 
 
 def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
@@ -196,13 +223,13 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     B, D = x.shape
     out_scale = scale.reshape(())
     tile = BACKWARD_TILE if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=16, BLOCK_D=16, GROUP_M=2, STORE_TMA=True,
-                                                num_warps=4, num_stages=2)  # fmt: skip
+                                                WS=False, num_warps=4, num_stages=2)  # fmt: skip
     bn, bc, bd = tile["BLOCK_N"], tile["BLOCK_C"], tile["BLOCK_D"]
     tile_rows = min(B, clip_mod.TILE_ROWS)
     cc = clip_mod.chunk_cols(tile_rows, D, x.dtype, clip_mod.CHUNK_BYTES)
     buf = torch.empty((tile_rows, cc), device=x.device, dtype=x.dtype)
     n_prog = triton.cdiv(tile_rows, bn) * triton.cdiv(cc, bc)
-    ds_part = torch.zeros((triton.cdiv(B, tile_rows) * len(_chunk_ranges(B, cc)), n_prog), device=x.device)
+    ds_part = torch.zeros((triton.cdiv(B, tile_rows) * len(_chunk_ranges(B, cc)), n_prog * bn), device=x.device)
     dy = torch.empty_like(y)
     dy_acc = torch.empty((cc, D), device=x.device)
     dx_acc = torch.empty((B, D), device=x.device)
@@ -215,6 +242,8 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
             n_rows = min(tile_rows, B - r0)
             dz = buf[:n_rows, :width]
             grid = (triton.cdiv(n_rows, bn) * triton.cdiv(width, bc),)
+            if tile.get("WS"):
+                grid = (min(grid[0], config.sm_count(x.device.index or 0)),)
             g_desc = TensorDescriptor(dz, [n_rows, width], [dz.stride(0), 1], [bn, bc]) if tile["STORE_TMA"] else x_desc
             clip_dz_tma_kernel[grid](
                 x_desc, y_desc, dz, g_desc, dz.stride(0), scale, lse_row, lse_col, g_row, g_col, g_diag, out_scale,
@@ -260,6 +289,7 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=32768)
     parser.add_argument("--D", type=int, default=768)
     parser.add_argument("--quick", action="store_true", help="B = 2048 (checks the script, not the timing)")
+    parser.add_argument("--ws", action="store_true", help="sweep the warp-specialised backward only (no forward sweep)")
     args = parser.parse_args()
     from fused_xent.integrations.open_clip import FusedClipLoss
 
@@ -276,7 +306,7 @@ def main() -> None:
     print(f"forward  production {prod_fw:6.2f} ms", flush=True)
     forward_cfgs = [dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages)
                     for bn, bc, bd, warps, stages in FORWARD_SWEEP]  # fmt: skip
-    best_fw = _sweep("forward ", FORWARD_TILE, forward_cfgs[:2] if args.quick else forward_cfgs,
+    best_fw = _sweep("forward ", FORWARD_TILE, [] if args.ws else forward_cfgs[:2] if args.quick else forward_cfgs,
                      lambda: clip_forward_tma(x, y, scale), ref, "max |diff| lse_row lse_col diag",
                      lambda a, b: (a - b).abs().max().item())  # fmt: skip
     lse_r, lse_c, _ = ref
@@ -286,9 +316,14 @@ def main() -> None:
     prod_bw = do_bench(lambda: PROD_BACKWARD(x, y, scale, lse_r, lse_c, gr, gr, gd), warmup=10, rep=100,
                        return_mode="median")  # fmt: skip
     print(f"backward production {prod_bw:6.2f} ms", flush=True)
+    sweep = (
+        [(*c, False) for c in BACKWARD_SWEEP[:1]] + [(*c, True) for c in WS_SWEEP]
+        if args.ws
+        else [(*c, False) for c in BACKWARD_SWEEP]
+    )
     backward_cfgs = [dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps, num_stages=stages, GROUP_M=group_m,
-                          STORE_TMA=store_tma)
-                     for bn, bc, bd, warps, stages, group_m, store_tma in BACKWARD_SWEEP]  # fmt: skip
+                          STORE_TMA=store_tma, WS=ws)
+                     for bn, bc, bd, warps, stages, group_m, store_tma, ws in sweep]  # fmt: skip
     best_bw = _sweep("backward", BACKWARD_TILE, backward_cfgs[:2] if args.quick else backward_cfgs,
                      lambda: clip_backward_tma(x, y, scale, lse_r, lse_c, gr, gr, gd), bref,
                      "rel diff dX dY dscale", _rel)  # fmt: skip
@@ -310,6 +345,8 @@ def main() -> None:
     runs = [("production", prod, 16384, 96 * mib), ("TMA backward", tma, 16384, 96 * mib),
             ("TMA backward", tma, 8192, 96 * mib), ("TMA backward", tma, 16384, 128 * mib),
             ("production", prod, 16384, 96 * mib), ("TMA backward", tma, 16384, 96 * mib)]  # fmt: skip
+    if args.ws:  # within the 256 MiB: production's tiling only, alternating
+        runs = [runs[0], runs[1], runs[0], runs[1]]
     for label, pair, tile_rows, chunk_bytes in runs:
         clip_mod.clip_chunked_forward, clip_mod.clip_chunked_backward = pair
         clip_mod.TILE_ROWS, clip_mod.CHUNK_BYTES = tile_rows, chunk_bytes

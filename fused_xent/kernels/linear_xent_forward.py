@@ -64,6 +64,7 @@ def linear_xent_forward_kernel(
     HAS_SMOOTHING: tl.constexpr,
     UNIT_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
+    WARP_SPECIALIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -97,7 +98,7 @@ def linear_xent_forward_kernel(
     # class offsets in int32 (C < 2**31): int64 column indices cost a tile's worth of registers
     c_first = pid_s * tiles_per_split * BLOCK_C
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(C - c_first, BLOCK_C))  # the last split may be short
-    for t in range(0, n_tiles):
+    for t in tl.range(0, n_tiles, warp_specialize=WARP_SPECIALIZE):
         c0 = c_first + t * BLOCK_C
         if USE_TMA:
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -157,6 +158,7 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
         empty = x.new_empty((0,), dtype=torch.float32)
         return empty, empty
     blocks = config.forward_blocks(x.device)
+    warp_specialize = blocks.pop("WARP_SPECIALIZE", False)
     n_row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
     n_tiles = triton.cdiv(C, blocks["BLOCK_C"])
     splits = min(n_tiles, max(1, triton.cdiv(config.target_programs(x.device), n_row_blocks)))
@@ -175,7 +177,8 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
         N, C, D, tiles_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *t_strides,
         opts.softcap if opts.softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_LIN=need_lin, USE_TMA=use_tma,
-        HAS_SMOOTHING=opts.label_smoothing != 0, UNIT_SCALE=opts.unit_scale,
+        WARP_SPECIALIZE=warp_specialize and use_tma, HAS_SMOOTHING=opts.label_smoothing != 0,
+        UNIT_SCALE=opts.unit_scale,
         **flags, **config.dot_options(x.dtype), **blocks,
     )  # fmt: skip
     m, s, lin = partial
