@@ -71,6 +71,10 @@ def linear_xent_forward_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    if WARP_SPECIALIZE:  # descriptors made here: the Hopper pass then halves X's block for its two
+        # consumer groups (a host descriptor keeps the whole block in Triton 3.6: each copy overflows)
+        x_desc = tl.make_tensor_descriptor(X, shape=[N, D], strides=[stride_xn, 1], block_shape=[BLOCK_N, BLOCK_D])
+        w_desc = tl.make_tensor_descriptor(W, shape=[C, D], strides=[stride_wc, 1], block_shape=[BLOCK_C, BLOCK_D])
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -167,7 +171,11 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     partial = torch.empty((3, splits, N), device=x.device, dtype=torch.float32)
     pointers, t_strides, flags = target_args(rt)
     use_tma = tma_loads(x, w)
-    if use_tma:
+    warp_specialize = warp_specialize and use_tma
+    if warp_specialize:  # the kernel makes its descriptors, in scratch memory from this allocator
+        triton.set_allocator(_descriptor_scratch)
+        x_desc, w_desc = x, w
+    elif use_tma:
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [blocks["BLOCK_N"], blocks["BLOCK_D"]])
         w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [blocks["BLOCK_C"], blocks["BLOCK_D"]])
     else:
@@ -177,7 +185,7 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
         N, C, D, tiles_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *t_strides,
         opts.softcap if opts.softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_LIN=need_lin, USE_TMA=use_tma,
-        WARP_SPECIALIZE=warp_specialize and use_tma, HAS_SMOOTHING=opts.label_smoothing != 0,
+        WARP_SPECIALIZE=warp_specialize, HAS_SMOOTHING=opts.label_smoothing != 0,
         UNIT_SCALE=opts.unit_scale,
         **flags, **config.dot_options(x.dtype), **blocks,
     )  # fmt: skip
@@ -185,6 +193,10 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     m_max = m.max(dim=0).values
     lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(dim=0))
     return lse, lin.sum(dim=0)
+
+
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def tma_loads(x: torch.Tensor, w: torch.Tensor) -> bool:
