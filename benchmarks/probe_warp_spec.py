@@ -1,17 +1,35 @@
-"""Which forward loops survive Triton 3.6's Hopper warp specialisation? (experiment, not used by the package)
+"""Triton 3.6's Hopper warp specialisation on the streaming forward's loop (experiment, not used by the package).
 
-Session 9's first run of ``tune_warp_spec.py`` compiled the production forward kernel
-warp-specialised but every launch ended in an illegal memory access. This probe runs smaller
-kernels at the Gemma 2 head (forward only, bf16), each in its own process (an illegal access
-poisons the CUDA context), and checks lse against a chunked torch reference:
+``tl.range(..., warp_specialize=True)`` (its docstring says Blackwell only) runs a Hopper pass in
+Triton 3.6: compiled for sm_90 with ``num_warps=4``, the class-tile loop splits into a producer
+warp group (the TMA loads) and two consumer groups that each own half of the tile's rows, their
+MMAs and their epilogue (max, sum-exp, target logit), so one group's epilogue can run beside
+the other's MMAs. With 8 warps the pass leaves the loop whole. Through pointer loads it does not
+compile.
 
+Two miscompiles found on the way (session 9), both avoided here:
+- a host ``TensorDescriptor`` keeps the whole row block in the launch's TMA descriptor
+  (``metadata.tensordesc_meta``: 128 x 64) while each consumer's copy lands in a 64-row buffer:
+  every launch of the production kernel warp-specialised ended in an illegal memory access.
+  Descriptors made in the kernel (``tl.make_tensor_descriptor``) get the halved block;
+- ``rows = r0 + tl.arange(0, BLOCK_N)`` with ``r0`` also the load's coordinate: the second
+  consumer's rows are offset twice (``r0 + 64`` plus an arange from 64). Rows computed apart
+  (int64, as production does) are right.
+
+The kernels here, at the Gemma 2 head (forward only, bf16), each in its own process, lse and
+target logit checked against a chunked torch reference:
 - ``stats``: the class-tile loop with the rows' online max / sum-exp carried across tiles,
   stored after the loop (the production kernel's core);
-- ``stats+target``: the same plus the target logit, ``sum_j [j == y_i] z_ij`` per tile;
-- ``production``: ``linear_xent_forward`` with ``WARP_SPECIALIZE``, no smoothing, no bias.
+- ``stats+target``: the same plus the target logit, ``sum_j [j == y_i] z_ij`` per tile.
+Each with 8 warps (not split: the control, host descriptors) and with 4 (split, descriptors
+made in the kernel), at 4, 1 and 2 programs per multiprocessor.
 
-Each with 4 warps (the pass splits the loop into a producer group and two consumer groups
-only then) and with 8 (not split: the control), at one and two programs per multiprocessor.
+Session 9 (``probe_warp_spec.log``, H100): the warp-specialised loops run correctly but slower
+(stats 16.6-18.3 ms against 16.3; with the target logit 18.2-19.3 against 16.6). The production
+kernel warp-specialised the same way (tree bad037b: a ``WARP_SPECIALIZE`` constexpr, swept by
+that tree's ``benchmarks/tune_warp_spec.py``, ``tune_warp_spec.log``) was slower at Gemma 2
+(17.7-18.0 ms at best against 17.1-17.2) and Llama 3 (15.3-15.5 against 14.3-14.8), faster only
+at 1M classes (10.3-10.5 against 10.7, 128 x 128 tiles); reverted.
 
     PYTHONPATH=. python benchmarks/probe_warp_spec.py [--quick]
 """
@@ -84,7 +102,7 @@ def _reference(x, w, y):
     lse = torch.empty(x.shape[0], device="cuda")
     zy = torch.empty(x.shape[0], device="cuda")
     for r0 in range(0, x.shape[0], 1024):
-        z = (x[r0 : r0 + 1024] @ w.T).float()
+        z = x[r0 : r0 + 1024].float() @ w.float().T  # fp32 products, as the kernels accumulate
         lse[r0 : r0 + 1024] = torch.logsumexp(z, dim=1)
         zy[r0 : r0 + 1024] = z.gather(1, y[r0 : r0 + 1024, None])[:, 0]
     return lse, zy
@@ -96,42 +114,26 @@ def run_one(kind: str, warps: int, per_sm: int, quick: bool) -> dict:
     C = w.shape[0]
     ws = warps == 4
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    if kind == "production":
-        from fused_xent.formulation import XentOptions, build_row_targets
-        from fused_xent.kernels import config
-        from fused_xent.kernels.linear_xent_forward import linear_xent_forward
-
-        blocks = dict(BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, num_warps=warps, num_stages=3, WARP_SPECIALIZE=ws)
-        config.forward_blocks = lambda device: dict(blocks)
-        config.target_programs = lambda device: per_sm * sms
-        opts = XentOptions(num_classes=C)
-        rt = build_row_targets(y, target2=None, lam=None, class_weight=None, ignore_index=-100, opts=opts)
-        one = torch.ones(1, device="cuda")
-
-        def fn():
-            return linear_xent_forward(x, w, None, one, rt, opts)
+    bn, bc, bd = 128, 256, 64
+    n_rb, n_tiles = triton.cdiv(N, bn), triton.cdiv(C, bc)
+    per = triton.cdiv(n_tiles, max(1, triton.cdiv(per_sm * sms, n_rb)))
+    splits = triton.cdiv(n_tiles, per)
+    if ws:  # descriptors made in the kernel (host ones keep X's whole block: see the module text)
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        x_desc, w_desc = x, w
     else:
-        bn, bc, bd = 128, 256, 64
-        n_rb, n_tiles = triton.cdiv(N, bn), triton.cdiv(C, bc)
-        per = triton.cdiv(n_tiles, max(1, triton.cdiv(per_sm * sms, n_rb)))
-        splits = triton.cdiv(n_tiles, per)
-        if ws:  # descriptors made in the kernel (host ones keep X's whole block: see tune_warp_spec.py)
-            triton.set_allocator(lambda size, alignment, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-            x_desc, w_desc = x, w
-        else:
-            x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bn, bd])
-            w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bc, bd])
+        x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [bn, bd])
+        w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [bc, bd])
 
-        def fn():
-            part = torch.empty((3, splits, N), device="cuda")
-            stats_kernel[(n_rb, splits)](
-                x, w, x_desc, w_desc, y, part[0], part[1], part[2], N, C, D, per, TARGET=kind == "stats+target",
-                WS=ws, DEVICE_DESC=ws,
-                STAGES=3, BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps,
-            )  # fmt: skip
-            m, s, lin = part
-            m_max = m.max(0).values
-            return m_max + torch.log((s * torch.exp(m - m_max)).sum(0)), lin.sum(0)
+    def fn():
+        part = torch.empty((3, splits, N), device="cuda")
+        stats_kernel[(n_rb, splits)](
+            x, w, x_desc, w_desc, y, part[0], part[1], part[2], N, C, D, per, TARGET=kind == "stats+target",
+            WS=ws, DEVICE_DESC=ws, STAGES=3, BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=bd, num_warps=warps,
+        )  # fmt: skip
+        m, s, lin = part
+        m_max = m.max(0).values
+        return m_max + torch.log((s * torch.exp(m - m_max)).sum(0)), lin.sum(0)
 
     lse, lin = fn()
     torch.cuda.synchronize()
@@ -155,7 +157,7 @@ def main() -> None:
         return
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     rows = []
-    for kind in ("stats", "stats+target", "production"):
+    for kind in ("stats", "stats+target"):
         for warps, per_sm in ((8, 4), (4, 1), (4, 2)):
             cmd = [sys.executable, __file__, "--one", kind, str(warps), str(per_sm)]
             cmd += ["--quick"] if args.quick else []

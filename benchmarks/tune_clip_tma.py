@@ -158,10 +158,11 @@ def clip_dz_tma_kernel(
     WS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``dz * out_scale`` of one tile of the block (rows ``r0 + [0, n_rows)``, columns
-    ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid * BLOCK_N + i]``
-    gets the tile's ``sum_j dz R * out_scale`` per row. GROUP_M row tiles are walked together (their
-    column operand stays in L2). ``STORE_TMA``: the tile leaves through ``g_desc`` (a TMA
-    store, clipped at the view's edges) instead of masked pointer stores. Programs walk the
+    ``c0 + [0, width)``) from its own products, written to G in G's dtype; ``DS[pid]`` gets the
+    tile's ``sum dz R * out_scale`` (with ``WS`` per row, in ``DS[pid * BLOCK_N + i]``). GROUP_M
+    row tiles are walked together (their column operand stays in L2). ``STORE_TMA``: the tile
+    leaves through ``g_desc`` (a TMA store, clipped at the view's edges) instead of masked
+    pointer stores. Programs walk the
     tiles ``pid, pid + programs, ...`` (one each without ``WS``; with ``WS`` one program per
     multiprocessor, the loop warp-specialised by Triton's Hopper pass: a producer warp group
     issues the TMA loads, two consumer groups each take half of the tile's rows). With ``WS``
@@ -177,13 +178,13 @@ def clip_dz_tma_kernel(
             _dz_tile(
                 x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
                 stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D, pid, n_m, per_group,
-                UPCAST, DOT_PRECISION, GROUP_M, STORE_TMA, BLOCK_N, BLOCK_C, BLOCK_D,
+                UPCAST, DOT_PRECISION, GROUP_M, STORE_TMA, WS, BLOCK_N, BLOCK_C, BLOCK_D,
             )  # fmt: skip
     else:  # one tile per program (a loop here measured 11.5 ms against 9.6)
         _dz_tile(
             x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
             stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D, tl.program_id(0), n_m, per_group,
-            UPCAST, DOT_PRECISION, GROUP_M, STORE_TMA, BLOCK_N, BLOCK_C, BLOCK_D,
+            UPCAST, DOT_PRECISION, GROUP_M, STORE_TMA, WS, BLOCK_N, BLOCK_C, BLOCK_D,
         )  # fmt: skip
 
 
@@ -192,7 +193,7 @@ def _dz_tile(
     x_desc, y_desc, G, g_desc, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS,
     stride_grow, stride_gcol, stride_gdiag, n_rows, r0, width, c0, D, pid, n_m, per_group,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, STORE_TMA: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    WS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """Tile ``pid`` of ``clip_dz_tma_kernel``."""
     first_m = pid // per_group * GROUP_M
@@ -223,8 +224,10 @@ def _dz_tile(
     else:
         out = G + local_rows[:, None].to(tl.int64) * stride_g + local_cols[None, :]
         tl.store(out, dz.to(G.dtype.element_ty), mask=valid)
-    # per row: a sum across the rows would cross the halves the warp-specialised consumers own
-    tl.store(DS + pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(dz * r, axis=1))
+    if WS:  # per row: a sum across the rows would cross the halves the consumer groups own
+        tl.store(DS + pid * BLOCK_N + tl.arange(0, BLOCK_N), tl.sum(dz * r, axis=1))
+    else:
+        tl.store(DS + pid, tl.sum(tl.sum(dz * r, axis=1), axis=0))
 
 
 def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
@@ -241,7 +244,8 @@ def clip_backward_tma(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     cc = clip_mod.chunk_cols(tile_rows, D, x.dtype, clip_mod.CHUNK_BYTES)
     buf = torch.empty((tile_rows, cc), device=x.device, dtype=x.dtype)
     n_prog = triton.cdiv(tile_rows, bn) * triton.cdiv(cc, bc)
-    ds_part = torch.zeros((triton.cdiv(B, tile_rows) * len(_chunk_ranges(B, cc)), n_prog * bn), device=x.device)
+    slots = triton.cdiv(B, tile_rows) * len(_chunk_ranges(B, cc))
+    ds_part = torch.zeros((slots, n_prog * (bn if tile["WS"] else 1)), device=x.device)
     dy = torch.empty_like(y)
     dy_acc = torch.empty((cc, D), device=x.device)
     dx_acc = torch.empty((B, D), device=x.device)

@@ -16,7 +16,9 @@ shared memory); with ``4 x SMs`` programs wanted, Gemma 2 gets 64 row blocks x 9
 Every variant's lse and target logit are checked against the production kernel's (``diff``).
 Prints ms and TFLOP/s. ``--no-splits`` skips the production kernel's sweep over splits.
 
-    PYTHONPATH=. python benchmarks/tune_forward_tma.py [--quick] [--no-splits]
+``--occupancy`` (session 9) times only production's kernel at the tiles of ``OCCUPANCY_TILES``.
+
+    PYTHONPATH=. python benchmarks/tune_forward_tma.py [--quick] [--no-splits] [--occupancy]
 """
 
 import argparse
@@ -140,6 +142,13 @@ def tma_forward_kernel(
     tl.store(L_out + out, lin + 0.0 * z_sum, mask=rows < N)
 
 
+#: Session 9: tiles of 64 rows with one warp group (4 warps) and few stages, so that two or three
+#: programs share a multiprocessor and one's epilogue can run beside another's MMAs, as two
+#: consumer groups would (Triton's warp specialisation was slower: ``probe_warp_spec.py``).
+#: (BLOCK_N, BLOCK_C, num_warps, num_stages); BLOCK_D 64.
+OCCUPANCY_TILES = [(64, 256, 4, 2), (64, 256, 4, 3), (64, 128, 4, 3), (64, 128, 4, 4), (128, 128, 4, 2)]
+
+
 def split_grid(n_row_blocks: int, n_tiles: int, splits: int) -> tuple[int, int]:
     tiles_per_split = triton.cdiv(n_tiles, splits)
     return triton.cdiv(n_tiles, tiles_per_split), tiles_per_split
@@ -180,6 +189,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small shape (checks the script, not the timing)")
     parser.add_argument("--no-splits", action="store_true", help="skip the production kernel's sweep over splits")
+    parser.add_argument(
+        "--occupancy", action="store_true", help="production tiles that fit two or three programs per SM, then exit"
+    )
     args = parser.parse_args()
     N, D, C = (512, 256, 4000) if args.quick else (8192, 2304, 256000)
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -216,11 +228,19 @@ def main() -> None:
         )
         fwd.tma_loads = orig_tma
         tiles = [base]  # num_stages=4 measured slower at every split (tune_forward_tma.log run 3)
+        if args.occupancy:
+            tiles += [
+                dict(BLOCK_N=bn, BLOCK_C=bc, BLOCK_D=64, num_warps=w, num_stages=st)
+                for bn, bc, w, st in OCCUPANCY_TILES
+            ]
         for rnd in () if args.no_splits else (1, 2):  # two rounds: run-to-run spread on these machines is ~1-2 ms
             for cfg in tiles:
                 config.forward_blocks = lambda device, cfg=cfg: dict(cfg)
                 rb, ct = triton.cdiv(N, cfg["BLOCK_N"]), triton.cdiv(C, cfg["BLOCK_C"])
-                for splits in sorted({triton.cdiv(4 * sms, rb), 8, 63, 125, 250}):
+                split_counts = (
+                    {triton.cdiv(4 * sms, rb), 125} if args.occupancy else {triton.cdiv(4 * sms, rb), 8, 63, 125, 250}
+                )
+                for splits in sorted(split_counts):
                     real, per = split_grid(rb, ct, min(splits, ct))
                     config.target_programs = lambda device, p=real * rb: p
                     tile = (
@@ -234,6 +254,8 @@ def main() -> None:
                     config.target_programs = orig_programs
     finally:
         config.target_programs, config.forward_blocks, fwd.tma_loads = orig_programs, orig_blocks, orig_tma
+    if args.occupancy:
+        return
     for flatten in (False, True):
         report(
             f"standalone tma {'flat' if flatten else 'nest'} splits=125",

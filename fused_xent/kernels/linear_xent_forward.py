@@ -64,17 +64,12 @@ def linear_xent_forward_kernel(
     HAS_SMOOTHING: tl.constexpr,
     UNIT_SCALE: tl.constexpr,
     USE_TMA: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr,
     UPCAST: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    if WARP_SPECIALIZE:  # descriptors made here: the Hopper pass then halves X's block for its two
-        # consumer groups (a host descriptor keeps the whole block in Triton 3.6: each copy overflows)
-        x_desc = tl.make_tensor_descriptor(X, shape=[N, D], strides=[stride_xn, 1], block_shape=[BLOCK_N, BLOCK_D])
-        w_desc = tl.make_tensor_descriptor(W, shape=[C, D], strides=[stride_wc, 1], block_shape=[BLOCK_C, BLOCK_D])
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -102,7 +97,7 @@ def linear_xent_forward_kernel(
     # class offsets in int32 (C < 2**31): int64 column indices cost a tile's worth of registers
     c_first = pid_s * tiles_per_split * BLOCK_C
     n_tiles = tl.minimum(tiles_per_split, tl.cdiv(C - c_first, BLOCK_C))  # the last split may be short
-    for t in tl.range(0, n_tiles, warp_specialize=WARP_SPECIALIZE):
+    for t in range(0, n_tiles):
         c0 = c_first + t * BLOCK_C
         if USE_TMA:
             cols = c0 + tl.arange(0, BLOCK_C)
@@ -162,7 +157,6 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
         empty = x.new_empty((0,), dtype=torch.float32)
         return empty, empty
     blocks = config.forward_blocks(x.device)
-    warp_specialize = blocks.pop("WARP_SPECIALIZE", False)
     n_row_blocks = triton.cdiv(N, blocks["BLOCK_N"])
     n_tiles = triton.cdiv(C, blocks["BLOCK_C"])
     splits = min(n_tiles, max(1, triton.cdiv(config.target_programs(x.device), n_row_blocks)))
@@ -171,11 +165,7 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     partial = torch.empty((3, splits, N), device=x.device, dtype=torch.float32)
     pointers, t_strides, flags = target_args(rt)
     use_tma = tma_loads(x, w)
-    warp_specialize = warp_specialize and use_tma
-    if warp_specialize:  # the kernel makes its descriptors, in scratch memory from this allocator
-        triton.set_allocator(_descriptor_scratch)
-        x_desc, w_desc = x, w
-    elif use_tma:
+    if use_tma:
         x_desc = TensorDescriptor(x, list(x.shape), list(x.stride()), [blocks["BLOCK_N"], blocks["BLOCK_D"]])
         w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), [blocks["BLOCK_C"], blocks["BLOCK_D"]])
     else:
@@ -185,18 +175,13 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
         N, C, D, tiles_per_split, x.stride(0), x.stride(1), w.stride(0), w.stride(1), *t_strides,
         opts.softcap if opts.softcap is not None else 1.0,
         HAS_BIAS=b is not None, HAS_SOFTCAP=opts.softcap is not None, NEED_LIN=need_lin, USE_TMA=use_tma,
-        WARP_SPECIALIZE=warp_specialize, HAS_SMOOTHING=opts.label_smoothing != 0,
-        UNIT_SCALE=opts.unit_scale,
+        HAS_SMOOTHING=opts.label_smoothing != 0, UNIT_SCALE=opts.unit_scale,
         **flags, **config.dot_options(x.dtype), **blocks,
     )  # fmt: skip
     m, s, lin = partial
     m_max = m.max(dim=0).values
     lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(dim=0))
     return lse, lin.sum(dim=0)
-
-
-def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
-    return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
 def tma_loads(x: torch.Tensor, w: torch.Tensor) -> bool:
