@@ -4,8 +4,7 @@
 Triton 3.6: compiled for sm_90 with ``num_warps=4``, the class-tile loop splits into a producer
 warp group (the TMA loads) and two consumer groups that each own half of the tile's rows, their
 MMAs and their epilogue (max, sum-exp, target logit), so one group's epilogue can run beside
-the other's MMAs. With 8 warps the pass leaves the loop whole. Through pointer loads it does not
-compile.
+the other's MMAs. With 8 warps the pass leaves the loop whole.
 
 Two miscompiles found on the way (session 9), both avoided here:
 - a host ``TensorDescriptor`` keeps the whole row block in the launch's TMA descriptor
