@@ -31,7 +31,11 @@ Result (``tune_clip_tma.log``): the TMA forward is slower at every tile (3.95 ms
 3.42-3.46); the TMA backward ties production's (9.70 against 9.72 ms on the second machine); the
 step 13.25 against 13.33 ms. Not adopted.
 
-    PYTHONPATH=. python benchmarks/tune_clip_tma.py [--B 32768] [--D 768] [--quick]
+Session 9 (``--ws``, ``tune_clip_ws.log``): the backward kernel as a persistent loop, warp-specialised
+by Triton 3.6's Hopper pass (descriptors made in the kernel, ds partials per row): 9.66 ms at best
+(128 x 128, 4 stages) against production's 9.76; step 13.48 against 13.47-13.55. Not adopted.
+
+    PYTHONPATH=. python benchmarks/tune_clip_tma.py [--B 32768] [--D 768] [--quick] [--ws]
 """
 
 import argparse
