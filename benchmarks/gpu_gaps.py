@@ -1,0 +1,74 @@
+"""Where the GPU waits during one fused_xent fw+bw: the gaps between consecutive kernels.
+
+One call of a case of ``fused_xent.bench`` (after warm-up calls, back to back as ``do_bench``
+runs them) under torch.profiler. Prints the call's wall time, the GPU's busy time (the union of
+kernel intervals), the idle time, and the largest gaps with the kernels on either side.
+
+    PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB]
+    (e.g. extreme_1m filtered 1100; BUDGET_MIB as the bench's lean column: the peak it allows)
+"""
+
+import sys
+import time
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import fused_xent
+from fused_xent.bench import CASES, lean_budget, make_inputs
+
+
+def main() -> None:
+    name, impl = sys.argv[1], sys.argv[2]
+    case = dict(CASES[name])
+    if len(sys.argv) > 3:
+        case["lean_peak_mib"] = int(sys.argv[3])
+    budget = lean_budget(case) if impl in ("lean", "filtered") else None
+    x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
+
+    def step():
+        x.grad = w.grad = None
+        if b is not None:
+            b.grad = None
+        fused_xent.linear_cross_entropy(
+            x, w, y, linear_bias=b, label_smoothing=case.get("ls", 0.0), impl=impl, memory_budget=budget
+        ).backward()
+
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        step()
+    torch.cuda.synchronize()
+    per_call = (time.perf_counter() - t0) / 10 * 1e3
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    # the second call only: from the first kernel after the first call's last one
+    half = len(kernels) // 2
+    kernels = kernels[half:]
+    busy, gaps, end = 0.0, [], kernels[0][0]
+    prev = "(start)"
+    for start, stop, kname in kernels:
+        if start > end:
+            gaps.append((start - end, prev, kname))
+        busy += max(0.0, stop - max(start, end))
+        end = max(end, stop)
+        prev = kname
+    span = (kernels[-1][1] - kernels[0][0]) / 1e3
+    print(f"# {name} {impl} budget {budget}: {per_call:.2f} ms per call (10 back to back); profiled call: "
+          f"{span:.2f} ms from first to last kernel, GPU busy {busy / 1e3:.2f} ms, idle {span - busy / 1e3:.2f} ms, "
+          f"{len(kernels)} kernels")  # fmt: skip
+    print(f"# the next call starts after the last kernel; per-call wall minus GPU span: {per_call - span:.2f} ms")
+    for gap, before, after in sorted(gaps, reverse=True)[:15]:
+        print(f"gap {gap / 1e3:7.3f} ms  after {before[:60]:60s}  before {after[:60]}")
+
+
+if __name__ == "__main__":
+    main()
