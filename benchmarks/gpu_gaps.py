@@ -62,6 +62,21 @@ def main() -> None:
         end = max(end, stop)
         prev = kname
     span = (kernels[-1][1] - kernels[0][0]) / 1e3
+    # phases: before the forward's first stats kernel, the forward's chunk loop, after its last;
+    # a gap belongs to the phase of the kernel after it
+    stats = [k[0] for k in kernels if "stats_kernel" in k[2]]
+    phases = {"prologue": [0.0, 0], "forward chunks": [0.0, 0], "backward": [0.0, 0]}
+    end = kernels[0][0]
+    for start, stop, _ in kernels:
+        key = "backward" if not stats else "prologue" if start < stats[0] else "forward chunks"
+        if stats and start > stats[-1]:
+            key = "backward"
+        phases[key][1] += 1
+        if start > end:
+            phases[key][0] += start - end
+        end = max(end, stop)
+    idle = ", ".join(f"{k} {v[0] / 1e3:.2f} over {v[1]} kernels" for k, v in phases.items())
+    print(f"# idle by phase (ms): {idle}")
     print(f"# {name} {impl} budget {budget}: {per_call:.2f} ms per call (10 back to back); profiled call: "
           f"{span:.2f} ms from first to last kernel, GPU busy {busy / 1e3:.2f} ms, idle {span - busy / 1e3:.2f} ms, "
           f"{len(kernels)} kernels")  # fmt: skip
