@@ -2,9 +2,10 @@
 
 One call of a case of ``fused_xent.bench`` (after warm-up calls, back to back as ``do_bench``
 runs them) under torch.profiler. Prints the call's wall time, the GPU's busy time (the union of
-kernel intervals), the idle time, and the largest gaps with the kernels on either side.
+kernel intervals), the idle time by phase, and the largest gaps with the kernels on either
+side; ``--list`` lists every kernel outside the forward's chunk loop.
 
-    PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB]
+    PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB] [--list]
     (e.g. extreme_1m filtered 1100; BUDGET_MIB as the bench's lean column: the peak it allows)
 """
 
@@ -22,7 +23,7 @@ from fused_xent.bench import CASES, lean_budget, make_inputs
 def main() -> None:
     name, impl = sys.argv[1], sys.argv[2]
     case = dict(CASES[name])
-    if len(sys.argv) > 3:
+    if len(sys.argv) > 3 and sys.argv[3].isdigit():
         case["lean_peak_mib"] = int(sys.argv[3])
     budget = lean_budget(case) if impl in ("lean", "filtered") else None
     x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
@@ -75,6 +76,12 @@ def main() -> None:
         if start > end:
             phases[key][0] += start - end
         end = max(end, stop)
+    if "--list" in sys.argv:  # every kernel outside the forward's chunk loop: gap before, duration, name
+        end = kernels[0][0]
+        for start, stop, kname in kernels:
+            if not stats or start < stats[0] or start > stats[-1]:
+                print(f"  gap {max(0.0, start - end):7.1f} us  run {stop - start:7.1f} us  {kname[:90]}")
+            end = max(end, stop)
     idle = ", ".join(f"{k} {v[0] / 1e3:.2f} over {v[1]} kernels" for k, v in phases.items())
     print(f"# idle by phase (ms): {idle}")
     print(f"# {name} {impl} budget {budget}: {per_call:.2f} ms per call (10 back to back); profiled call: "
