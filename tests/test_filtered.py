@@ -270,17 +270,31 @@ def test_bounded_backward_on_peaked_logits(dtype, row_splits, pieces_log, chunk_
     assert not chunk_log  # the recomputing backward did not run
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_bounded_backward_gathers_kept_classes(monkeypatch, pieces_log, reduction):
+def test_bounded_backward_gathers_kept_classes(monkeypatch, pieces_log, dtype, reduction):
     """At eps = 1/16 on random logits the bound drops some classes of every chunk but the
-    first: those kept are gathered into one dense chunk, and nothing else is recomputed."""
+    first: those kept are gathered into one dense chunk, and nothing else is recomputed. The
+    gathered chunk's width is no multiple of 8: its GEMMs run over W's gathered rows padded
+    with zero rows (``_gathered_rows``), whose columns must add nothing (fp16: the padding
+    columns of dU lie over fp32 products)."""
     eps = 2.0**-4
-    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(torch.float32).eps)
-    x, w, b, y, _ = random_problem(torch.float32)
-    dropped = check_against_reference(x, w, b, y, torch.tensor(3.0), eps, reduction, grads="xws")
+    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(dtype).eps)
+    padded = []
+    gathered_rows = class_chunked._gathered_rows
+
+    def spy(w, idx, max_rows):
+        out = gathered_rows(w, idx, max_rows)
+        padded.append(out.shape[0] - idx.numel())
+        return out
+
+    monkeypatch.setattr(class_chunked, "_gathered_rows", spy)
+    x, w, b, y, _ = random_problem(dtype)
+    dropped = check_against_reference(x, w, b, y, torch.tensor(3.0, dtype=dtype), eps, reduction, grads="xws")
     assert dropped[128:].any() and not dropped[:128].any()
     gathered = [width for width, g in pieces_log if g]
     assert gathered and sum(width for width, _ in pieces_log) == int((~dropped).sum())
+    assert any(padded), (gathered, padded)
 
 
 def test_bounded_backward_smoothing_above_threshold_keeps_all(pieces_log):

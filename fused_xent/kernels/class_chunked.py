@@ -531,13 +531,30 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     buf = _chunk(x, C, (opts.chunk_bytes or CHUNK_BYTES) // 2)
     kargs = _kernel_args(b, rt_g, opts)
     for k0, k1, idx in _bounded_pieces(whole, cols, buf.shape[1]):
-        w_k = w[k0:k1] if idx is None else w.index_select(0, idx)
-        du = _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, k0, cols=idx)
         if idx is None:
+            w_k = w[k0:k1]
+            du = _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, k0)
             _dense_chunk_grads(x, w_k, du, dw_scale, dx, dw[k0:k1] if need_dw else None)
         else:
+            w_k = _gathered_rows(w, idx, buf.shape[1])
+            du = _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, k0, cols=idx)
             _gathered_chunk_grads(x, w_k, du, dw_scale, dx, dw, idx)
     return dx, dw, None
+
+
+def _gathered_rows(w: torch.Tensor, idx: torch.Tensor, max_rows: int) -> torch.Tensor:
+    """W's rows ``idx``, then zero rows up to a multiple of 8 (at most ``max_rows``): every GEMM
+    of a gathered piece then has widths cuBLAS runs on its fast kernels. With k = len(idx)
+    odd, the recompute and dX GEMMs fell to sm75 ``align1`` kernels: 1.23 and 0.97 ms for one
+    piece at the Gemma 2 head, ~5x an aligned GEMM of that size (``gpu_gaps_lm.log``)."""
+    k = idx.numel()
+    rows = -(-k // 8) * 8
+    if rows == k or rows > max_rows:
+        return w.index_select(0, idx)
+    out = w.new_empty((rows, w.shape[1]))
+    torch.index_select(w, 0, idx, out=out[:k])
+    out[k:].zero_()
+    return out
 
 
 def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps: float | None,
@@ -616,16 +633,17 @@ def _db_part_rows(N: int) -> int:
 def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db_part=None, keep=None,
                   filter_eps=None):  # fmt: skip
     """dU of one chunk of classes, recomputed into ``buf`` and written over it: ``w_k`` holds
-    W's rows of classes ``[c0, c0 + k)``, or of the gathered classes ``cols``. ``db_part``
-    receives the per-program partial bias sums, ``keep`` the filter's flags (see
-    ``chunk_grad_kernel``)."""
-    N, width, cc = x.shape[0], w_k.shape[0], buf.shape[1]
-    raw = buf[:, :width]
+    W's rows of classes ``[c0, c0 + k)``, or of the gathered classes ``cols`` followed by
+    zero rows (``_gathered_rows``), whose dU columns come out zero. ``db_part`` receives the
+    per-program partial bias sums, ``keep`` the filter's flags (see ``chunk_grad_kernel``)."""
+    N, rows, cc = x.shape[0], w_k.shape[0], buf.shape[1]
+    width = rows if cols is None else cols.numel()
+    raw = buf[:, :rows]
     _raw_products(x, w_k, raw)
     if buf.dtype == x.dtype:
         du = raw
     else:  # fp16 dU over fp32 R: the same byte pitch holds twice the elements
-        du = buf.view(x.dtype).as_strided((N, width), (2 * cc, 1))
+        du = buf.view(x.dtype).as_strided((N, rows), (2 * cc, 1))
     row_blocks, program_cols = (GRAD_DB_TILE["ROW_BLOCKS"], GRAD_DB_TILE["COLS"]) if db_part is not None else (1, 1024)
     col_split = triton.cdiv(width, program_cols) if du.dtype == raw.dtype else 1
     cols_per_program = triton.cdiv(triton.cdiv(width, col_split), 256) * 256
@@ -638,6 +656,8 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
         COMPUTE_DB=db_part is not None, FILTER=keep is not None, WITH_STATS=False, GATHERED=cols is not None,
         **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, ROW_BLOCKS=row_blocks, num_warps=8,
     )  # fmt: skip
+    if width < rows:  # the padding columns: zero products (bf16, fp32), fp32 bytes under fp16 dU
+        du[:, width:].zero_()
     return du
 
 
@@ -653,13 +673,14 @@ def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
 
 
 def _gathered_chunk_grads(x, w_k, du, scale, dx, dw, cols):
-    """``dW`` rows ``cols`` and the ``dX_raw`` term of gathered classes: ``du`` (N, k) their
-    dU columns, ``w_k`` their rows of W."""
+    """``dW`` rows ``cols`` and the ``dX_raw`` term of gathered classes: ``du`` (N, k') their
+    dU columns, ``w_k`` their rows of W, both followed by the same k' - k zero padding
+    (``_gathered_rows``)."""
     if dw is not None:
         # index_put_ (unique rows) has a deterministic CUDA path; index_copy_ alerts under
         # torch.use_deterministic_algorithms
         rows = torch.mm(du.T, x) if scale is None else (_mm_fp32(du.T, x) * scale).to(dw.dtype)
-        dw.index_put_((cols,), rows)
+        dw.index_put_((cols,), rows[: cols.numel()])
     if dx is not None:
         _addmm_fp32(dx, du, w_k)
 
