@@ -366,17 +366,14 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
 
 def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=None):
     N, C = x.shape[0], w.shape[0]
-    if N == 0:
-        return torch.full((0,), float("-inf"), device=x.device), torch.zeros(0, device=x.device), None
-    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
-    cc = buf.shape[1]
-    ranges = _chunk_ranges(C, cc)
-    # the first chunk's GEMM first: the GPU runs it while the host sets up the rest (on a
-    # host-bound call, as filtered's at 1M classes, every small launch before it left the GPU idle)
-    _raw_products(x, w[: ranges[0][1]], buf[:, : ranges[0][1]])
     m = torch.full((N,), float("-inf"), device=x.device)
     s = torch.zeros(N, device=x.device)
     lin = torch.zeros(N, device=x.device)
+    if N == 0:
+        return m, lin, None
+    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
+    cc = buf.shape[1]
+    ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts, col_scale)
     stats_tile = dict(STATS_TILE)
     n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
@@ -392,8 +389,7 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
             rows_per_program = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
-        if k:
-            _raw_products(x, w[c0:c1], raw)
+        _raw_products(x, w[c0:c1], raw)
         col_max_now = bound and k > 0  # the first chunk's bound is +inf
         n_col_blocks = triton.cdiv(c1 - c0, tile_c)
         grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
@@ -510,7 +506,8 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     shrink to the kept fraction (no db: the caller falls back to ``_backward`` when the bias
     needs a gradient). A forward chunk with more than ``FILTER_DENSE_FRACTION`` of its
     classes kept runs whole; the kept classes of the others are gathered into dense chunks.
-    One host sync, for the kept count per chunk. Every kept class gets the exact gradient."""
+    Two host syncs: the kept count per chunk, then the gathered classes' indices. Every kept
+    class gets the exact gradient."""
     N, D = x.shape
     C = w.shape[0]
     keep = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
@@ -527,8 +524,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
             gathered += k
     if len(whole) == len(ranges):
         return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, False, filter_eps=None)
-    # the count is on the host already: no second sync for the indices
-    cols = torch.nonzero_static(keep, size=gathered).squeeze(1) if gathered else None
+    cols = keep.nonzero().squeeze(1) if gathered else None
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = torch.zeros_like(w) if need_dw else None
     # half: the gathered W rows and their dW come on top
