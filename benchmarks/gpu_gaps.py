@@ -5,6 +5,11 @@ runs them) under torch.profiler. Prints the call's wall time, the GPU's busy tim
 kernel intervals), the idle time by phase, and the largest gaps with the kernels on either
 side; ``--list`` lists every kernel outside the forward's chunk loop.
 
+Session 9 (``benchmarks/NVIDIA-H100-80GB-HBM3/gpu_gaps*.log``): at Gemma 2 and Llama 3 the filtered
+backward's gathered pieces ran their recompute and dX GEMMs on cutlass ``align1`` / ``align2``
+kernels (odd widths; now padded, ``class_chunked._gathered_rows``); at 1M classes filtered leaves
+the GPU idle ~3 ms per call in small launches before the first GEMM and after the count sync.
+
     PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB] [--list]
     (e.g. extreme_1m filtered 1100; BUDGET_MIB as the bench's lean column: the peak it allows)
 """

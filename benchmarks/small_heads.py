@@ -4,6 +4,10 @@ smoothing 0.1 and a bias (timm's default loss). Prints per shape and method the 
 (``do_bench``), the host time per call without syncs (what a training step pays when the GPU
 keeps up), the kernel launches per call (torch.profiler) and the peak memory beyond what was allocated before the call.
 
+Session 9 (``benchmarks/NVIDIA-H100-80GB-HBM3/small_heads.md``): at 1000 classes torch eager takes
+1.0-1.8 ms and fused_xent's "auto" 2.3 ms (host-bound both); from the ViT-21k head on fused_xent
+is faster (2.37 against 4.39 ms) at less memory.
+
     PYTHONPATH=. python benchmarks/small_heads.py
 """
 
