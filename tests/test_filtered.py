@@ -307,3 +307,16 @@ def test_bounded_backward_smoothing_above_threshold_keeps_all(pieces_log):
     assert not pieces_log
     for name, g in got.items():
         assert torch.equal(g, lean[name]), name
+
+
+def test_gathered_rows_pad_to_a_multiple_of_eight():
+    """W's gathered rows, then zero rows up to a multiple of 8 classes; none past ``max_rows``
+    (the chunk buffer's width) and none when the count is a multiple of 8 already."""
+    w = torch.randn(50, 6, dtype=torch.bfloat16)
+    idx = torch.tensor([3, 7, 8, 20, 41])
+    padded = class_chunked._gathered_rows(w, idx, max_rows=128)
+    assert padded.shape == (8, 6)
+    assert torch.equal(padded[:5], w[idx]) and not padded[5:].any()
+    assert torch.equal(class_chunked._gathered_rows(w, idx, max_rows=6), w[idx])  # 8 > 6: unpadded
+    eight = torch.arange(8) * 5
+    assert torch.equal(class_chunked._gathered_rows(w, eight, max_rows=128), w[eight])
