@@ -57,43 +57,37 @@ def main() -> None:
         (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
     )
     # the second call only: from the first kernel after the first call's last one
-    half = len(kernels) // 2
-    kernels = kernels[half:]
-    busy, gaps, end = 0.0, [], kernels[0][0]
-    prev = "(start)"
-    for start, stop, kname in kernels:
-        if start > end:
-            gaps.append((start - end, prev, kname))
-        busy += max(0.0, stop - max(start, end))
-        end = max(end, stop)
-        prev = kname
-    span = (kernels[-1][1] - kernels[0][0]) / 1e3
-    # phases: before the forward's first stats kernel, the forward's chunk loop, after its last;
-    # a gap belongs to the phase of the kernel after it
+    kernels = kernels[len(kernels) // 2 :]
+    # one pass: each kernel with the GPU's idle time before it and its phase (before the forward's
+    # first stats kernel, the forward's chunk loop, after its last stats kernel)
     stats = [k[0] for k in kernels if "stats_kernel" in k[2]]
+
+    def phase(start: float) -> str:
+        if not stats or start > stats[-1]:
+            return "backward"
+        return "prologue" if start < stats[0] else "forward chunks"
+
+    timeline, busy, end, prev = [], 0.0, kernels[0][0], "(start)"
+    for start, stop, kname in kernels:
+        timeline.append((max(0.0, start - end), stop - start, kname, prev, phase(start)))
+        busy += max(0.0, stop - max(start, end))
+        end, prev = max(end, stop), kname
+    span = (kernels[-1][1] - kernels[0][0]) / 1e3
     phases = {"prologue": [0.0, 0], "forward chunks": [0.0, 0], "backward": [0.0, 0]}
-    end = kernels[0][0]
-    for start, stop, _ in kernels:
-        key = "backward" if not stats else "prologue" if start < stats[0] else "forward chunks"
-        if stats and start > stats[-1]:
-            key = "backward"
+    for gap, _, _, _, key in timeline:
+        phases[key][0] += gap
         phases[key][1] += 1
-        if start > end:
-            phases[key][0] += start - end
-        end = max(end, stop)
     if "--list" in sys.argv:  # every kernel outside the forward's chunk loop: gap before, duration, name
-        end = kernels[0][0]
-        for start, stop, kname in kernels:
-            if not stats or start < stats[0] or start > stats[-1]:
-                print(f"  gap {max(0.0, start - end):7.1f} us  run {stop - start:7.1f} us  {kname[:90]}")
-            end = max(end, stop)
+        for gap, run, kname, _, key in timeline:
+            if key != "forward chunks":
+                print(f"  gap {gap:7.1f} us  run {run:7.1f} us  {kname[:90]}")
     idle = ", ".join(f"{k} {v[0] / 1e3:.2f} over {v[1]} kernels" for k, v in phases.items())
     print(f"# idle by phase (ms): {idle}")
     print(f"# {name} {impl} budget {budget}: {per_call:.2f} ms per call (10 back to back); profiled call: "
           f"{span:.2f} ms from first to last kernel, GPU busy {busy / 1e3:.2f} ms, idle {span - busy / 1e3:.2f} ms, "
           f"{len(kernels)} kernels")  # fmt: skip
     print(f"# the next call starts after the last kernel; per-call wall minus GPU span: {per_call - span:.2f} ms")
-    for gap, before, after in sorted(gaps, reverse=True)[:15]:
+    for gap, _, after, before, _ in sorted(timeline, reverse=True)[:15]:
         print(f"gap {gap / 1e3:7.3f} ms  after {before[:60]:60s}  before {after[:60]}")
 
 
