@@ -17,6 +17,7 @@ import torch
 
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
+from fused_xent.kernels.targets import row_targets
 
 IMPLS = ("auto", "lean", "fast", "filtered", "triton", "chunked", "reference")
 REDUCTIONS = ("mean", "sum", "none")
@@ -454,25 +455,26 @@ def linear_cross_entropy(
     t = _check_target(target, batch_shape, C, x.device, dense)
     t2, lam_rows = _check_mixup(target2, lam, target, batch_shape, dense, x.device)
     class_weight = _check_class_weight(weight, C, x.device)
-    if not dense:
-        _check_target_range(t, t2, lam_rows, C, ignore_index)
     wide = reference.compute_dtype(x.dtype)
-    scale_t = _check_scale(scale, x.device, wide)
-
     opts = XentOptions(
         num_classes=C, label_smoothing=float(label_smoothing), z_loss=float(z_loss), softcap=softcap,
         unit_scale=scale is None,
     )  # fmt: skip
-    rt = build_row_targets(
-        t,
-        target2=t2,
-        lam=None if lam_rows is None else lam_rows.to(wide),
-        class_weight=None if class_weight is None else class_weight.to(wide),
-        ignore_index=None if dense else ignore_index,
-        opts=opts,
-        dtype=wide,
-    )
     backend = _choose(impl, x, dense and target.requires_grad)
+    lam_w = None if lam_rows is None else lam_rows.to(wide)
+    weight_w = None if class_weight is None else class_weight.to(wide)
+    if not dense and backend is not None and backend.name != "chunked" and not torch.compiler.is_compiling():
+        # the Triton backends: every per-row coefficient and the label range in one launch
+        rt, summary = row_targets(t, target2=t2, lam=lam_w, class_weight=weight_w, ignore_index=ignore_index, opts=opts)
+        _report_target_range(summary, C, ignore_index)
+    else:
+        if not dense:
+            _check_target_range(t, t2, lam_rows, C, ignore_index)
+        rt = build_row_targets(
+            t, target2=t2, lam=lam_w, class_weight=weight_w, ignore_index=None if dense else ignore_index, opts=opts,
+            dtype=wide,
+        )  # fmt: skip
+    scale_t = _check_scale(scale, x.device, wide)
     if backend is not None and backend.name in ("class_chunked", "filtered"):
         chunk_bytes = _lean_chunk_bytes(memory_budget, x, scale is None, b is not None and b.requires_grad)
         opts = dataclasses.replace(opts, chunk_bytes=chunk_bytes)
@@ -740,14 +742,22 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
         return
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    _raise_finished_checks()
     keep = None if ignore_index is None else t != ignore_index
     flags = [_label_range(t, keep)]
     if t2 is not None:
         lam_bad = ~((lam_rows >= 0) & (lam_rows <= 1))  # NaN too; on every row, as build_row_targets
         flags += [_label_range(t2, keep), lam_bad.any().long()[None]]
-    summary = torch.cat(flags) if len(flags) > 1 else flags[0]
-    if not t.is_cuda:
+    _report_target_range(torch.cat(flags) if len(flags) > 1 else flags[0], C, ignore_index)
+
+
+def _report_target_range(summary: torch.Tensor, C: int, ignore_index) -> None:
+    """Raise now for a CPU ``summary`` (``[min, max]`` of the kept labels per label tensor, then
+    a bad-``lam`` flag) that ``_raise_if_bad`` rejects; for a CUDA one, start its copy to the
+    host and raise in a later call (see ``_check_target_range``)."""
+    if torch.compiler.is_compiling() or (summary.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    _raise_finished_checks()
+    if not summary.is_cuda:
         _raise_if_bad(summary.tolist(), C, ignore_index, deferred=False)
         return
     host = _FREE_PINNED.pop() if _FREE_PINNED and _FREE_PINNED[-1].shape == summary.shape else None
