@@ -124,6 +124,33 @@ def test_out_of_range_target_raises_on_a_later_call():
     linear_cross_entropy(x, w, y.clamp(0, 99))  # reported once
 
 
+def test_row_targets_kernel_matches_its_definition_on_gpu():
+    """``kernels.targets.row_targets`` (the CUDA path's one launch) against
+    ``build_row_targets`` at an LM batch: ignored rows, class weights, mixup with one bad
+    ``lam``, labels out of range."""
+    from fused_xent.formulation import XentOptions, build_row_targets
+    from fused_xent.kernels.targets import row_targets
+
+    N, C = 32768 + 3, 128256
+    g = torch.Generator(device="cuda").manual_seed(7)
+    y = torch.randint(0, C, (N,), device="cuda", generator=g)
+    y2 = torch.randint(0, C, (N,), device="cuda", generator=g)
+    y[::97] = -100
+    y[5], y2[9] = C, -2
+    lam = torch.rand(N, device="cuda", generator=g)
+    cw = torch.rand(C, device="cuda", generator=g) + 0.5
+    opts = XentOptions(num_classes=C, label_smoothing=0.1, z_loss=1e-4)
+    for kw in (dict(target2=None, lam=None, class_weight=None), dict(target2=y2, lam=lam, class_weight=cw)):
+        rt, summary = row_targets(y, ignore_index=-100, opts=opts, **kw)
+        ref = build_row_targets(y, ignore_index=-100, opts=opts, **kw)
+        for name in ("y1", "k1", "y2", "k2", "e", "lse_coef", "zl", "row_weight"):
+            if getattr(ref, name) is not None:
+                torch.testing.assert_close(getattr(rt, name), getattr(ref, name), rtol=1e-6, atol=0, equal_nan=True)
+        assert summary[:2].tolist() == [0, C]
+        if kw["target2"] is not None:
+            assert summary[2:4].tolist() == [-2, torch.where(y != -100, y2, 0).max().item()]
+
+
 def test_filtered_bounded_at_gemma2_size():
     """impl="filtered" without a bias gradient skips classes from the forward's bound: at the
     Gemma 2 head on random logits it drops most classes, each of them below the threshold on
