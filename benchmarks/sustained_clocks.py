@@ -8,7 +8,8 @@ and throttle reasons per phase.
 With ``--heads``: one plain GEMM of each LM head, ``X @ W.T`` on the bench's own inputs
 (``make_inputs``), timed as the bench times a method (``do_bench``, median); once alone after
 2 s idle (the first of a few calls) and once as the bench's median. N GEMMs of that time are
-the floor of a mode that needs N (lean 4, fast 3, forward only 1) on this machine.
+the floor of a mode that needs N (lean 4, fast 3, forward only 1; CLIP's lean loss 4) on this
+machine.
 
     PYTHONPATH=. python benchmarks/sustained_clocks.py [--heads]
 """
@@ -31,6 +32,11 @@ def heads() -> None:
     for name in ("gemma2", "llama3", "extreme_1m"):
         _head_gemm(name, *make_inputs(CASES[name], "cuda", torch.bfloat16)[:2])
         torch.cuda.empty_cache()
+    # CLIP at B = 32768, D = 768: unit features as bench_clip.py draws them; one GEMM is s * I @ T.T
+    g = torch.Generator(device="cuda").manual_seed(0)
+    images = torch.nn.functional.normalize(torch.randn(32768, 768, device="cuda", generator=g), dim=-1)
+    texts = torch.nn.functional.normalize(images + 0.8 * torch.randn(32768, 768, device="cuda", generator=g), dim=-1)
+    _head_gemm("clip32k", images.to(torch.bfloat16), texts.to(torch.bfloat16))
 
 
 def _head_gemm(name: str, x: torch.Tensor, w: torch.Tensor) -> None:
