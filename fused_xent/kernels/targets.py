@@ -24,10 +24,10 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _label(T, rows, mask, keep, keep_f, C, CW, HAS_WEIGHT: tl.constexpr):
-    """``(valid, a, bad, kept label or 0)`` of one label per row, as ``build_row_targets``'
-    ``label``; ``keep`` comes from the first target (its ignored rows), for both labels."""
-    t = tl.load(T + rows, mask=mask, other=0).to(tl.int64)
+def _label(t, mask, keep, keep_f, C, CW, HAS_WEIGHT: tl.constexpr):
+    """``(valid, a, bad, kept label or 0)`` of labels ``t`` (int64, one per row), as
+    ``build_row_targets``' ``label``; ``keep`` comes from the first target (its ignored rows),
+    for both labels."""
     valid = tl.minimum(tl.maximum(t, 0), C - 1)
     bad = (valid != t) & keep
     if HAS_WEIGHT:
@@ -48,17 +48,16 @@ def row_targets_kernel(
     and ``ASum`` (1,) the class weights and their sum with ``HAS_WEIGHT`` (else ``a_sum = C``)."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = rows < N
-    if HAS_IGNORE:
-        keep = tl.load(T + rows, mask=mask, other=0) != ignore_index
-    else:
-        keep = rows >= 0
+    t = tl.load(T + rows, mask=mask, other=0).to(tl.int64)
+    keep = t != ignore_index if HAS_IGNORE else rows >= 0
     keep_f = keep.to(tl.float32)
-    y1, a1, bad, lab1 = _label(T, rows, mask, keep, keep_f, C, CW, HAS_WEIGHT)
+    y1, a1, bad, lab1 = _label(t, mask, keep, keep_f, C, CW, HAS_WEIGHT)
     if HAS_Y2:
         lam = tl.load(Lam + rows, mask=mask, other=0.0)
         k1 = one_minus_eps * lam * a1
         row_w = lam * a1
-        y2, a2, bad2, lab2 = _label(T2, rows, mask, keep, keep_f, C, CW, HAS_WEIGHT)
+        t2 = tl.load(T2 + rows, mask=mask, other=0).to(tl.int64)
+        y2, a2, bad2, lab2 = _label(t2, mask, keep, keep_f, C, CW, HAS_WEIGHT)
         k2 = one_minus_eps * (1.0 - lam) * a2
         row_w = row_w + (1.0 - lam) * a2
         lam_bad = ~((lam >= 0) & (lam <= 1)) & mask
