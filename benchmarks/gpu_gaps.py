@@ -21,25 +21,13 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-import fused_xent
-from fused_xent.bench import CASES, lean_budget, make_inputs
+from fused_xent.bench import fwbw_step
 
 
 def main() -> None:
     name, impl = sys.argv[1], sys.argv[2]
-    case = dict(CASES[name])
-    if len(sys.argv) > 3 and sys.argv[3].isdigit():
-        case["lean_peak_mib"] = int(sys.argv[3])
-    budget = lean_budget(case) if impl in ("lean", "filtered") else None
-    x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
-
-    def step():
-        x.grad = w.grad = None
-        if b is not None:
-            b.grad = None
-        fused_xent.linear_cross_entropy(
-            x, w, y, linear_bias=b, label_smoothing=case.get("ls", 0.0), impl=impl, memory_budget=budget
-        ).backward()
+    peak = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3].isdigit() else None
+    step, budget = fwbw_step(name, impl, peak)
 
     for _ in range(5):
         step()

@@ -22,8 +22,7 @@ import time
 import torch
 from triton.testing import do_bench
 
-import fused_xent
-from fused_xent.bench import CASES, lean_budget, make_inputs
+from fused_xent.bench import CASES, fwbw_step, make_inputs
 
 QUERY = "timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active"
 
@@ -83,14 +82,7 @@ def main() -> None:
         print(f"gemm 8192^3 window: {2 * 8192**3 * n / (time.perf_counter() - t0) / 1e12:.0f} TFLOP/s")
     marks.append(("gemm loop", time.time()))
     del a, b
-    case = CASES["llama3"]
-    x, w, y, bias = make_inputs(case, "cuda", torch.bfloat16)
-    budget = lean_budget(case)
-
-    def step():
-        x.grad = w.grad = None
-        fused_xent.linear_cross_entropy(x, w, y, impl="lean", memory_budget=budget).backward()
-
+    step, _ = fwbw_step("llama3", "lean")
     for _ in range(3):
         print(f"lean llama3 do_bench median: {do_bench(step, warmup=50, rep=300, return_mode='median'):.2f} ms")
     marks.append(("lean llama3", time.time()))

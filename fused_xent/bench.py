@@ -110,6 +110,27 @@ def _budget(case: dict, key: str, itemsize: int, spare: int) -> int | None:
     return max(0, case[key] * 2**20 - grads - spare)
 
 
+def fwbw_step(name: str, impl: str, lean_peak_mib: int | None = None):
+    """``(step, budget)``: ``step()`` runs one fused_xent fw+bw of case ``name`` on CUDA in bf16,
+    gradients cleared first, as the bench runs ``fused_xent[impl]``; lean and filtered take the
+    budget of the case's lean column (or of ``lean_peak_mib``). For the profiling scripts."""
+    case = dict(CASES[name])
+    if lean_peak_mib is not None:
+        case["lean_peak_mib"] = lean_peak_mib
+    budget = lean_budget(case) if impl in ("lean", "filtered") else None
+    x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
+
+    def step() -> None:
+        for p in (x, w, b):
+            if p is not None:
+                p.grad = None
+        fused_xent.linear_cross_entropy(
+            x, w, y, linear_bias=b, label_smoothing=case.get("ls", 0.0), impl=impl, memory_budget=budget
+        ).backward()
+
+    return step, budget
+
+
 def make_inputs(case: dict, device: str, dtype: torch.dtype, seed: int = 0):
     g = torch.Generator(device=device).manual_seed(seed)
     N, D, C = case["N"], case["D"], case["C"]
