@@ -257,6 +257,37 @@ def test_forward_kernel_targets_at_every_class(C):
     assert rel_err(got, ref) < 1e-6
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("extras", [dict(), dict(softcap=2.0, scale=1.7, bias=True)])
+def test_lean_forward_label_logits_at_every_chunk_edge(smoothing, extras, monkeypatch):
+    """The lean forward reads each row's label logits from its chunk after the chunk's loop
+    (``class_chunked._label_term``) and sums z only with smoothing. Chunks of 128 classes here
+    (the last one 25 wide): every class is some row's first and some row's second (mixup)
+    target, ignored rows included, so labels fall on each chunk's first and last column and in
+    the short last chunk; the loss per row matches float64 in both the lean and the filtered
+    forward."""
+    from fused_xent.kernels import class_chunked
+
+    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
+    C = 409
+    bias = extras.pop("bias", False)
+    x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=bias)
+    x.requires_grad_()  # the training forward (a call without gradient streams through another kernel)
+    y = torch.arange(2 * C) % C
+    y[::37] = -100
+    y2 = (7 * torch.arange(2 * C) + 3) % C
+    lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+    for kw in (dict(), dict(target2=y2, lam=lam)):
+        kw_ref = {k: (v.double() if k == "lam" else v) for k, v in kw.items()}
+        ref = torch_linear_xent(x.detach().double(), w.double(), y, b=None if b is None else b.double(),
+                                reduction="none", label_smoothing=smoothing, **kw_ref, **extras)  # fmt: skip
+        for impl in ("lean", "filtered"):
+            got = linear_cross_entropy(x, w, y, linear_bias=b, reduction="none", label_smoothing=smoothing, impl=impl,
+                                       **kw, **extras)  # fmt: skip
+            assert rel_err(got.detach(), ref) < 1e-6, (impl, kw.keys(), rel_err(got.detach(), ref))
+
+
 def test_module_matches_function():
     x, w, b, y, cw = make_problem(17, 9, 23, torch.float32, bias=True, weight=True, ignore=3)
     mod = fused_xent.LinearCrossEntropyLoss(cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)

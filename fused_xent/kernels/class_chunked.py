@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from fused_xent.kernels.config import target_programs
-from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, target_args, target_tile
+from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, logit_value, target_args, target_tile
 
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 #: The column-max programs share the stats programs' launch, so their warps too.
@@ -65,13 +65,33 @@ def _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE: tl.constexpr):
 
 
 @triton.jit
+def _label_term(R, stride_rn, rows, row_mask, Y, K, c0, Cc, Bias, scale, ColScale, softcap, HAS_BIAS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr):  # fmt: skip
+    """``k_i z_{i, y_i}`` for the rows whose label ``y_i`` lies in the chunk ``[c0, c0 + Cc)``
+    (0 elsewhere, and where ``k_i`` is 0), the logit read from the chunk's raw products ``R``
+    with the tiles' epilogue."""
+    y = tl.load(Y + rows, mask=row_mask, other=0)
+    k = tl.load(K + rows, mask=row_mask, other=0.0)
+    local = y - c0
+    inside = row_mask & (local >= 0) & (local < Cc)
+    r = tl.load(R + rows * stride_rn + local, mask=inside, other=0.0).to(tl.float32)
+    if HAS_COL_SCALE:
+        r = r * tl.load(ColScale + y, mask=inside, other=0.0)
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(Bias + y, mask=inside, other=0.0).to(tl.float32)
+    z = logit_value(r, bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+    return tl.where(inside & (k != 0.0), k * z, 0.0)
+
+
+@triton.jit
 def chunk_stats_kernel(
     R, stride_rn, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
     N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
-    STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
-    COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
     chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows. A program
@@ -90,7 +110,15 @@ def chunk_stats_kernel(
     read the same chunk in one launch: one host launch per chunk instead of two.
 
     With ``HAS_COL_SCALE`` class j's raw products are multiplied by ``ColScale[j]`` before
-    the scale (cosine logits: ``1 / |W_j|``, so W is never normalised in memory)."""
+    the scale (cosine logits: ``1 / |W_j|``, so W is never normalised in memory).
+
+    Without dense targets or class weights the targets of a row are ``e`` on every class plus
+    ``k1`` at y1 (and ``k2`` at y2), so ``lin = e * sum_j z_j + k1 z_y1 + k2 z_y2``: the tiles
+    only sum z (with ``HAS_SMOOTHING``; nothing without), and each label's logit is read from
+    the chunk once per row after the loop. A target tile per tile cost ~9 instructions per
+    logit, and this loop is bound by instruction issue, not by memory (``benchmarks/NOTES.md``,
+    session 10)."""
+    SPARSE: tl.constexpr = NEED_LIN and not HAS_DENSE and not HAS_WEIGHT
     pid = tl.program_id(0)
     scale = tl.load(Scale).to(tl.float32)
     if pid < n_row_blocks:
@@ -105,13 +133,11 @@ def chunk_stats_kernel(
             local = j0 + tl.arange(0, BLOCK_C)
             col_mask = local < Cc
             cols = c0 + local
-            r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            # masked columns read 0: their z is exactly 0 (bias, column scale and softcap keep 0)
+            r = tl.load(R + rows[:, None] * stride_rn + local[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0)  # fmt: skip
             r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
             z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-            tt = z  # unused unless NEED_LIN
-            if NEED_LIN:
-                tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn,
-                                 stride_tc, HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
             zm = tl.where(col_mask[None, :], z, float("-inf"))
             m_new = tl.maximum(m, tl.max(zm, axis=1))
             m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -119,10 +145,26 @@ def chunk_stats_kernel(
             s = s * alpha
             s_acc = s_acc * alpha[:, None] + tl.exp(zm - m_ref[:, None])
             m = m_new
-            if NEED_LIN:
+            if SPARSE:
+                if HAS_SMOOTHING:
+                    lin_acc += z
+            elif NEED_LIN:
+                tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn,
+                                 stride_tc, HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
                 lin_acc += tl.where(tt != 0.0, tt * z, 0.0)
         s += tl.sum(s_acc, axis=1)
-        lin += tl.sum(lin_acc, axis=1)
+        if SPARSE:  # a zero weight contributes nothing, even against an infinite logit
+            if HAS_SMOOTHING:
+                e = tl.load(E + rows, mask=row_mask, other=0.0)
+                lin += tl.where(e != 0.0, e * tl.sum(lin_acc, axis=1), 0.0)
+            if HAS_HARD:
+                lin += _label_term(R, stride_rn, rows, row_mask, Y1, K1, c0, Cc, Bias, scale, ColScale, softcap,
+                                   HAS_BIAS, HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
+                if HAS_Y2:
+                    lin += _label_term(R, stride_rn, rows, row_mask, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap,
+                                       HAS_BIAS, HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
+        elif NEED_LIN:
+            lin += tl.sum(lin_acc, axis=1)
         tl.store(M + rows, m, mask=row_mask)
         tl.store(S + rows, s, mask=row_mask)
         tl.store(L + rows, lin, mask=row_mask)
@@ -397,7 +439,8 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
             lse_before[k + 1] if bound and k + 1 < len(ranges) else m, lse_before[k] if col_max_now else m,
             col_max if bound else m, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
-            rows_per_program or 0, NEED_LIN=need_lin, STORE_LSE=bound and k + 1 < len(ranges),
+            rows_per_program or 0, NEED_LIN=need_lin, HAS_SMOOTHING=opts.label_smoothing != 0,
+            STORE_LSE=bound and k + 1 < len(ranges),
             COL_MAX=col_max_now, **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
     lse = m + torch.log(s)

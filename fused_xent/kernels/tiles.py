@@ -78,9 +78,18 @@ def raw_tile_tma(
 @triton.jit
 def logit_epilogue(raw, cols, col_mask, Bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
     """``softcap(scale * raw + b[cols])`` in fp32 for a tile of raw products ``x . w``."""
+    bias = 0.0
+    if HAS_BIAS:
+        bias = tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    return logit_value(raw, bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
+
+
+@triton.jit
+def logit_value(raw, bias, scale, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr):
+    """``softcap(scale * raw + bias)`` in fp32, ``bias`` already loaded (broadcast to ``raw``)."""
     z = raw * scale
     if HAS_BIAS:
-        z += tl.load(Bias + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        z += bias
     if HAS_SOFTCAP:
         # tanh through exp: saturates to +-1 without overflow for large |z|
         z = softcap * (1.0 - 2.0 / (tl.exp(2.0 * z / softcap) + 1.0))
