@@ -46,6 +46,31 @@ def test_mixup_and_class_weights():
     check("fast", torch.float32, 37, 19, 101, target2=y2, lam=lam, weight=True, ignore=4)
 
 
+@pytest.mark.usefixtures("small_chunks")
+@pytest.mark.parametrize("smoothing", [0.0, 0.15])
+def test_first_pass_label_logits_at_every_class(smoothing):
+    """The fast kernel's first pass reads each row's label logits from the row chunk after its
+    loop (as the lean forward does) and sums z only with smoothing: every class is some row's
+    first and some row's second (mixup) label, ignored rows included, across chunks of 16 rows;
+    the summed loss matches float64 with and without bias and softcap."""
+    C = 70
+    for extras in (dict(), dict(softcap=2.0, bias=True)):
+        bias = extras.pop("bias", False)
+        x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=bias)
+        x.requires_grad_()
+        y = torch.arange(2 * C) % C
+        y[::13] = -100
+        y2 = (7 * torch.arange(2 * C) + 3) % C
+        lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+        for kw in (dict(), dict(target2=y2, lam=lam)):
+            kw_ref = {k: (v.double() if k == "lam" else v) for k, v in kw.items()}
+            ref = torch_linear_xent(x.detach().double(), w.double(), y, b=None if b is None else b.double(),
+                                    reduction="sum", label_smoothing=smoothing, **kw_ref, **extras)  # fmt: skip
+            got = linear_cross_entropy(x, w, y, linear_bias=b, reduction="sum", label_smoothing=smoothing,
+                                       impl="fast", **kw, **extras)  # fmt: skip
+            assert abs(got.item() - ref.item()) <= 1e-6 * abs(ref.item()), (kw.keys(), got.item(), ref.item())
+
+
 def test_every_row_ignored():
     x, w, b, y, _ = make_problem(8, 5, 11, torch.float32, bias=True)
     leaves = [t.requires_grad_() for t in (x, w, b)]

@@ -196,7 +196,7 @@ def chunk_grad_kernel(
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr = 1,
+    BLOCK_C: tl.constexpr, ROW_BLOCKS: tl.constexpr = 1, HAS_SMOOTHING: tl.constexpr = True,
 ):  # fmt: skip
     """dU of one chunk, written over R. Program (i, j) covers the ``ROW_BLOCKS`` row blocks
     ``[i * ROW_BLOCKS, ...)`` of BLOCK_N rows and columns ``[j * cols_per_program, ...)``,
@@ -228,14 +228,34 @@ def chunk_grad_kernel(
         m = tl.full([BLOCK_N], float("-inf"), tl.float32)
         s = tl.zeros([BLOCK_N], tl.float32)
         lin = tl.zeros([BLOCK_N], tl.float32)
+        # the first pass's lin as chunk_stats_kernel's: e * sum_j z_j plus the labels' logits
+        SPARSE: tl.constexpr = not HAS_DENSE and not HAS_WEIGHT
+        if SPARSE and HAS_SMOOTHING:
+            z_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for j0 in range(0, Cc, BLOCK_C):
             cols = j0 + tl.arange(0, BLOCK_C)
             col_mask = cols < Cc
-            r = tl.load(R + rows[:, None] * stride_rn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :])
+            r = tl.load(R + rows[:, None] * stride_rn + cols[None, :], mask=row_mask[:, None] & col_mask[None, :],
+                        other=0.0)  # fmt: skip
             z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
-            tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
-                             HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
-            m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, True)
+            if SPARSE:
+                m, s, lin = fold_row_stats(m, s, lin, z, z, col_mask, False)
+                if HAS_SMOOTHING:
+                    z_acc += z  # masked columns read 0: their z is 0
+            else:
+                tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                                 HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+                m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, True)
+        if SPARSE:  # a zero weight contributes nothing, even against an infinite logit
+            if HAS_SMOOTHING:
+                e = tl.load(E + rows, mask=row_mask, other=0.0)
+                lin += tl.where(e != 0.0, e * tl.sum(z_acc, axis=1), 0.0)
+            if HAS_HARD:
+                lin += _label_term(R, stride_rn, rows, row_mask, Y1, K1, c0, Cc, Bias, scale, ColScale, softcap,
+                                   HAS_BIAS, HAS_SOFTCAP, False)  # fmt: skip
+                if HAS_Y2:
+                    lin += _label_term(R, stride_rn, rows, row_mask, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap,
+                                       HAS_BIAS, HAS_SOFTCAP, False)  # fmt: skip
         lse = m + tl.log(s)
         coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
         zl = tl.load(ZL + rows, mask=row_mask, other=0.0)
