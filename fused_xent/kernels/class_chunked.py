@@ -85,6 +85,27 @@ def _label_term(R, stride_rn, rows, row_mask, Y, K, c0, Cc, Bias, scale, ColScal
 
 
 @triton.jit
+def _sparse_lin(z_acc, R, stride_rn, rows, row_mask, E, Y1, K1, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap,
+                HAS_SMOOTHING: tl.constexpr, HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr):  # fmt: skip
+    """A chunk's ``lin = e * sum_j z_j + k1 z_y1 + k2 z_y2`` per row without dense targets or
+    class weights: ``z_acc`` (rows, cols) holds the chunk's z summed element by element (used
+    with ``HAS_SMOOTHING``), the labels' logits are read from ``R``. A zero weight contributes
+    nothing, even against an infinite logit."""
+    lin = tl.zeros([z_acc.shape[0]], tl.float32)
+    if HAS_SMOOTHING:
+        e = tl.load(E + rows, mask=row_mask, other=0.0)
+        lin += tl.where(e != 0.0, e * tl.sum(z_acc, axis=1), 0.0)
+    if HAS_HARD:
+        lin += _label_term(R, stride_rn, rows, row_mask, Y1, K1, c0, Cc, Bias, scale, ColScale, softcap, HAS_BIAS,
+                           HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
+        if HAS_Y2:
+            lin += _label_term(R, stride_rn, rows, row_mask, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap, HAS_BIAS,
+                               HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
+    return lin
+
+
+@triton.jit
 def chunk_stats_kernel(
     R, stride_rn, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
     N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
@@ -153,16 +174,10 @@ def chunk_stats_kernel(
                                  stride_tc, HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
                 lin_acc += tl.where(tt != 0.0, tt * z, 0.0)
         s += tl.sum(s_acc, axis=1)
-        if SPARSE:  # a zero weight contributes nothing, even against an infinite logit
-            if HAS_SMOOTHING:
-                e = tl.load(E + rows, mask=row_mask, other=0.0)
-                lin += tl.where(e != 0.0, e * tl.sum(lin_acc, axis=1), 0.0)
-            if HAS_HARD:
-                lin += _label_term(R, stride_rn, rows, row_mask, Y1, K1, c0, Cc, Bias, scale, ColScale, softcap,
-                                   HAS_BIAS, HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
-                if HAS_Y2:
-                    lin += _label_term(R, stride_rn, rows, row_mask, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap,
-                                       HAS_BIAS, HAS_SOFTCAP, HAS_COL_SCALE)  # fmt: skip
+        if SPARSE:
+            lin += _sparse_lin(lin_acc, R, stride_rn, rows, row_mask, E, Y1, K1, Y2, K2, c0, Cc, Bias, scale,
+                               ColScale, softcap, HAS_SMOOTHING, HAS_HARD, HAS_Y2, HAS_BIAS, HAS_SOFTCAP,
+                               HAS_COL_SCALE)  # fmt: skip
         elif NEED_LIN:
             lin += tl.sum(lin_acc, axis=1)
         tl.store(M + rows, m, mask=row_mask)
@@ -230,8 +245,7 @@ def chunk_grad_kernel(
         lin = tl.zeros([BLOCK_N], tl.float32)
         # the first pass's lin as chunk_stats_kernel's: e * sum_j z_j plus the labels' logits
         SPARSE: tl.constexpr = not HAS_DENSE and not HAS_WEIGHT
-        if SPARSE and HAS_SMOOTHING:
-            z_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
+        z_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)  # the z sum's per-element terms (smoothing only)
         for j0 in range(0, Cc, BLOCK_C):
             cols = j0 + tl.arange(0, BLOCK_C)
             col_mask = cols < Cc
@@ -246,16 +260,9 @@ def chunk_grad_kernel(
                 tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
                                  HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
                 m, s, lin = fold_row_stats(m, s, lin, z, tt, col_mask, True)
-        if SPARSE:  # a zero weight contributes nothing, even against an infinite logit
-            if HAS_SMOOTHING:
-                e = tl.load(E + rows, mask=row_mask, other=0.0)
-                lin += tl.where(e != 0.0, e * tl.sum(z_acc, axis=1), 0.0)
-            if HAS_HARD:
-                lin += _label_term(R, stride_rn, rows, row_mask, Y1, K1, c0, Cc, Bias, scale, ColScale, softcap,
-                                   HAS_BIAS, HAS_SOFTCAP, False)  # fmt: skip
-                if HAS_Y2:
-                    lin += _label_term(R, stride_rn, rows, row_mask, Y2, K2, c0, Cc, Bias, scale, ColScale, softcap,
-                                       HAS_BIAS, HAS_SOFTCAP, False)  # fmt: skip
+        if SPARSE:
+            lin += _sparse_lin(z_acc, R, stride_rn, rows, row_mask, E, Y1, K1, Y2, K2, c0, Cc, Bias, scale, ColScale,
+                               softcap, HAS_SMOOTHING, HAS_HARD, HAS_Y2, HAS_BIAS, HAS_SOFTCAP, False)  # fmt: skip
         lse = m + tl.log(s)
         coef = tl.load(COEF + rows, mask=row_mask, other=0.0)
         zl = tl.load(ZL + rows, mask=row_mask, other=0.0)
