@@ -36,6 +36,16 @@ def make_problem(N, D, C, dtype, *, lead=None, bias=False, weight=False, dense=F
     return x, w, b, y.to(**to), (cw.to(**to) if cw is not None else None)
 
 
+def labels_at_every_class(C: int, ignore_every: int | None = None):
+    """``(y, y2, lam)`` for 2 C rows: every class is some row's first and some row's second
+    (mixup) label; with ``ignore_every`` every such row is ignored in ``y`` (-100)."""
+    y = torch.arange(2 * C) % C
+    if ignore_every:
+        y[::ignore_every] = -100
+    y2 = (7 * torch.arange(2 * C) + 3) % C
+    return y, y2, torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+
+
 def check(impl, dtype, N, D, C, *, reduction="mean", lead=None, bias=False, weight=False, dense=False, ignore=0,
           noncontig=False, device="cpu", seed=0, **opts):  # fmt: skip
     """Value and every gradient of fused vs torch (float64), and the bound for low precision:
@@ -248,9 +258,7 @@ def test_forward_kernel_targets_at_every_class(C):
     column mask hold at every tile edge (session 8's candidates that skipped tiles or masked the
     last tile alone had to pass this)."""
     x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=True)
-    y = torch.arange(2 * C) % C
-    y2 = (7 * torch.arange(2 * C) + 3) % C
-    lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+    y, y2, lam = labels_at_every_class(C)
     with torch.no_grad():
         got = linear_cross_entropy(x, w, y, linear_bias=b, target2=y2, lam=lam, reduction="none", impl="triton")
     ref = torch_linear_xent(x.double(), w.double(), y, b=b.double(), target2=y2, lam=lam.double(), reduction="none")
@@ -274,10 +282,7 @@ def test_lean_forward_label_logits_at_every_chunk_edge(smoothing, extras, monkey
     bias = extras.pop("bias", False)
     x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=bias)
     x.requires_grad_()  # the training forward (a call without gradient streams through another kernel)
-    y = torch.arange(2 * C) % C
-    y[::37] = -100
-    y2 = (7 * torch.arange(2 * C) + 3) % C
-    lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+    y, y2, lam = labels_at_every_class(C, ignore_every=37)
     for kw in (dict(), dict(target2=y2, lam=lam)):
         kw_ref = {k: (v.double() if k == "lam" else v) for k, v in kw.items()}
         ref = torch_linear_xent(x.detach().double(), w.double(), y, b=None if b is None else b.double(),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_functional import check, make_problem
+from test_functional import check, labels_at_every_class, make_problem
 from torch_reference import torch_linear_xent
 
 from fused_xent import functional, linear_cross_entropy
@@ -58,10 +58,7 @@ def test_first_pass_label_logits_at_every_class(smoothing):
         bias = extras.pop("bias", False)
         x, w, b, _, _ = make_problem(2 * C, 16, C, torch.float32, bias=bias)
         x.requires_grad_()
-        y = torch.arange(2 * C) % C
-        y[::13] = -100
-        y2 = (7 * torch.arange(2 * C) + 3) % C
-        lam = torch.rand(2 * C, generator=torch.Generator().manual_seed(1))
+        y, y2, lam = labels_at_every_class(C, ignore_every=13)
         for kw in (dict(), dict(target2=y2, lam=lam)):
             kw_ref = {k: (v.double() if k == "lam" else v) for k, v in kw.items()}
             ref = torch_linear_xent(x.detach().double(), w.double(), y, b=None if b is None else b.double(),

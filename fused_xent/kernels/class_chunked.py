@@ -228,7 +228,9 @@ def chunk_grad_kernel(
     row block): a first pass gives each row's ``LSE`` and its loss ``ROWS`` (formulation's
     row_loss), then the upstream gradient ``G`` (one value: the mean's 1 / denominator or the
     sum's 1) on the rows row_loss keeps makes ``cp`` and weights the targets: the forward and
-    the gradient of a reduced loss in one launch.
+    the gradient of a reduced loss in one launch. The first pass takes ``lin`` as
+    ``chunk_stats_kernel`` does (``_sparse_lin``), summing z only with ``HAS_SMOOTHING``
+    (read by this pass alone).
 
     With ``GATHERED`` column ``j`` of R is class ``Cols[j]`` (int64) instead of ``c0 + j``.
 
