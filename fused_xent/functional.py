@@ -17,6 +17,7 @@ import torch
 
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
+from fused_xent.kernels.scaling import scale_
 from fused_xent.kernels.targets import row_targets
 
 IMPLS = ("auto", "lean", "fast", "filtered", "triton", "chunked", "reference")
@@ -310,7 +311,8 @@ _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
 
 class _EagerFast(torch.autograd.Function):
     """The fast strategy outside the dispatcher (see ``_EagerLinearXent``); its backward
-    scales the stored gradients in place."""
+    scales the stored gradients in place, with no pass over them when the upstream gradient
+    is 1 (``kernels.scaling``)."""
 
     @staticmethod
     def forward(ctx, x, w, b, scale, *args):
@@ -321,7 +323,7 @@ class _EagerFast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _):
-        grads = tuple(g.mul_(g_loss) if g.numel() else None for g in ctx.grads)
+        grads = tuple(scale_(g, g_loss) if g.numel() else None for g in ctx.grads)
         ctx.grads = None
         return *grads, *[None] * 13
 

@@ -229,3 +229,25 @@ def test_memory_budget_bounds_lean_at_1m_classes(impl):
     tol = 2e-3 if impl == "lean" else 1e-1
     for a, b in zip(got[1:], want[1:], strict=True):
         assert rel_err(a, b) < tol, rel_err(a, b)
+
+
+def test_scale_skips_its_pass_when_the_upstream_gradient_is_one():
+    """``kernels.scaling.scale_`` on a Gemma 2-sized dW (1.2 GB bf16): exactly ``mul_``'s bits for
+    g = 0.37, untouched for g = 1, and at g = 1 at most a fifth of the time of the pass (the
+    programs return before reading anything; the pass reads and writes 2.4 GB)."""
+    from triton.testing import do_bench
+
+    from fused_xent.kernels.scaling import scale_
+
+    t = torch.randn(256000, 2304, device="cuda", dtype=torch.bfloat16)
+    want = t.clone().mul_(torch.tensor(0.37, device="cuda"))
+    got = scale_(t.clone(), torch.tensor([0.37], device="cuda"))
+    assert torch.equal(got, want)
+    one, other = torch.ones(1, device="cuda"), torch.full((1,), 0.999, device="cuda")
+    before = t.clone()
+    scale_(t, one)
+    assert torch.equal(t, before)
+    del got, want, before
+    skipped = do_bench(lambda: scale_(t, one), warmup=5, rep=50, return_mode="median")
+    scaled = do_bench(lambda: scale_(t, other), warmup=5, rep=50, return_mode="median")
+    assert skipped < 0.2 * scaled, (skipped, scaled)
