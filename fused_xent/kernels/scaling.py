@@ -6,8 +6,9 @@ and its backward multiplies them by the loss's actual upstream gradient ``g``. A
 ``g`` is 1, which is what ``loss.backward()`` passes. Reading ``g`` on the host would cost a
 sync; here every program reads it and returns at once when it is exactly 1: multiplying by 1
 changes no value, so skipping the pass leaves every bit as the multiply would, and the
-pass costs one launch. Any other ``g`` (NaN included) multiplies in fp32 and rounds once to the
-tensor's dtype, as ``mul_`` does.
+pass costs one launch. Any other ``g`` (NaN included) multiplies in fp32 and rounds the product
+once to the tensor's dtype. (``mul_`` by a 0-dim fp32 CUDA tensor rounds ``g`` itself to a 16-bit
+tensor's dtype first, an error of up to 2**-9 of the gradient that this pass does not make.)
 """
 
 import torch
@@ -35,7 +36,7 @@ def scale_in_place_kernel(X, G, n, BLOCK: tl.constexpr):
 
 
 def scale_(t: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """``t.mul_(g)`` for a one-element ``g`` on ``t``'s device, without the pass when ``g`` is 1
+    """``t *= g`` for a one-element ``g`` on ``t``'s device, without the pass when ``g`` is 1
     (the kernel, for contiguous 16-bit or fp32 tensors on a GPU or under the interpreter;
     ``mul_`` otherwise, fp64 included). Returns ``t``."""
     if g.numel() != 1:
