@@ -320,3 +320,39 @@ def test_gathered_rows_pad_to_a_multiple_of_eight():
     assert torch.equal(class_chunked._gathered_rows(w, idx, max_rows=6), w[idx])  # 8 > 6: unpadded
     eight = torch.arange(8) * 5
     assert torch.equal(class_chunked._gathered_rows(w, eight, max_rows=128), w[eight])
+
+
+@pytest.mark.parametrize("smoothing", [False, True])
+@pytest.mark.parametrize("C,cc", [(300, 128), (1003, 256), (5, 128), (16, 8)])
+def test_kept_classes_against_their_definition(C, cc, smoothing):
+    """``_kept_classes`` (one Triton launch after the labels' flags) against the bounded
+    filter's rule in torch: class j kept when it is some row's label, or ``exp(bound_j) +
+    t_max >= eps`` (NaN kept), and the kept count of each forward chunk, the tail of fewer than
+    8 classes included. Bounds lie on both sides of the threshold but outside the band of
+    ``_EXP_MARGIN`` around it, where the kernel keeps what the exact comparison might drop."""
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(C + cc + smoothing)
+    eps = 2.0**-12
+    N = 7
+    log_eps = torch.tensor(eps).log()
+    bound = log_eps + torch.empty(C).uniform_(-3, 3, generator=g)
+    bound[(bound - log_eps).abs() < 1e-3] += 0.01
+    bound[::11] = float("nan")
+    bound[1::13] = float("-inf")
+    bound[2::17] = float("inf")
+    y1 = torch.randint(0, C, (N,), generator=g)
+    y2 = torch.randint(0, C, (N,), generator=g)
+    e = torch.rand(N, generator=g) * 1e-5 if smoothing else torch.zeros(N)
+    cp = torch.rand(N, generator=g) + 0.5
+    cw = torch.rand(C, generator=g) + 0.5
+    rt_g = SimpleNamespace(y1=y1, y2=y2, e=e, class_weight=cw)
+    keep, counts = class_chunked._kept_classes(bound, cp, rt_g, eps, smoothing, cc)
+    t_max = (e / cp).max() * cw.max() if smoothing else 0.0
+    want = ~(torch.exp(bound) + t_max < eps)
+    want[y1] = True
+    want[y2] = True
+    assert torch.equal(keep, want)
+    ranges = class_chunked._chunk_ranges(C, cc)
+    assert counts == [int(want[c0:c1].sum()) for c0, c1 in ranges]
+    assert C % 8 == 0 or ranges[-1][1] - ranges[-1][0] < 8  # a tail chunk of its own

@@ -551,26 +551,72 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
     return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, filter_eps=eps)
 
 
-def _kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool) -> torch.Tensor:
-    """(C,) bool: the classes the bounded filter keeps.
+#: ``kept_counts_kernel`` takes ``exp`` as Triton's (a few ulp off the exact value, the product
+#: of the argument and log2(e) rounded first): a class is dropped only when its bound times
+#: this factor stays below the threshold, so no approximation of ``exp`` drops one that the
+#: exact comparison keeps.
+_EXP_MARGIN = tl.constexpr(1.0 + 2.0**-16)
+
+
+@triton.jit
+def kept_counts_kernel(LogPMax, Keep, TMax, Counts, cc, aligned, C, eps, HAS_T_MAX: tl.constexpr,
+                       BLOCK: tl.constexpr):  # fmt: skip
+    """Program k takes the classes of forward chunk k (``_chunk_ranges``: ``[k cc, min((k + 1)
+    cc, aligned))``, the one past them the tail ``[aligned, C)``). ``Keep`` (bool) arrives
+    with the labels set and leaves with every class kept whose bound does not rule it out
+    (``_kept_classes``); ``Counts[k]`` receives the chunk's kept count."""
+    k = tl.program_id(0)
+    if k < tl.cdiv(aligned, cc):
+        c0 = k * cc
+        c1 = tl.minimum(c0 + cc, aligned)
+    else:
+        c0 = aligned
+        c1 = C
+    t_max = tl.load(TMax) if HAS_T_MAX else 0.0
+    total = tl.zeros([BLOCK], tl.int32)
+    for start in range(c0, c1, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        mask = cols < c1
+        bound = tl.load(LogPMax + cols, mask=mask, other=float("-inf"))
+        label = tl.load(Keep + cols, mask=mask, other=0) != 0
+        small = tl.exp(bound) * _EXP_MARGIN + t_max < eps  # NaN: not small, kept
+        kept = label | ~small
+        tl.store(Keep + cols, kept, mask=mask)
+        total += (kept & mask).to(tl.int32)
+    tl.store(Counts + k, tl.sum(total))
+
+
+def _kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool, cc: int) -> tuple[torch.Tensor, list[int]]:
+    """``(keep, counts)``: (C,) bool, the classes the bounded filter keeps, and their count in
+    each of the forward's chunks (``_chunk_ranges(C, cc)``) on the host (one sync).
 
     ``|dU_ij| = |cp_i| |p_ij - t_ij|`` (the kernels' ``tt / cp`` is the target ``t``; see
     FILTER_EPS_FACTOR) stays below ``eps |cp_i|`` when ``p_ij + t_ij < eps``. Outside the
     labels ``t_ij = a_j e_i / cp_i`` (smoothing, class weight ``a``), at most ``t_max``; a
     row with ``cp_i = 0`` but a target keeps every class. The labels are always kept (also
-    those of ignored rows: harmless)."""
-    t_max = 0.0
-    if smoothing:
-        a_max = rt_g.class_weight.abs().max() if rt_g.class_weight is not None else 1.0
-        ratio = torch.where(rt_g.e == 0, 0.0, rt_g.e.abs() / cp.abs())  # e != 0 = cp: inf, all kept
-        t_max = ratio.max() * a_max
-    # the bound comes from the forward's rounded logits, as the recomputing filter's p from
-    # the backward's: no margin beyond that rounding
-    keep = ~(torch.exp(log_p_max) + t_max < eps)  # NaN keeps
+    those of ignored rows: harmless). One launch (``kept_counts_kernel``) after the labels'
+    flags: ~15 small torch launches and a pageable copy to the device (a sync of its own)
+    before, each 30-200 us of this host while the GPU waited (``gpu_gaps_1m_filtered.log``)."""
+    keep = torch.zeros(log_p_max.shape, dtype=torch.bool, device=log_p_max.device)
     for y in (rt_g.y1, rt_g.y2):
         if y is not None:
             keep.index_fill_(0, y, True)
-    return keep
+    t_max = None
+    if smoothing:
+        a_max = rt_g.class_weight.abs().max() if rt_g.class_weight is not None else 1.0
+        ratio = torch.where(rt_g.e == 0, 0.0, rt_g.e.abs() / cp.abs())  # e != 0 = cp: inf, all kept
+        t_max = (ratio.max() * a_max).float().reshape(1)
+    C = keep.shape[0]
+    aligned = C - C % 8
+    n_chunks = len(_chunk_ranges(C, cc))
+    counts = torch.empty(n_chunks, dtype=torch.int32, device=keep.device)
+    # the bound comes from the forward's rounded logits, as the recomputing filter's p from
+    # the backward's: no margin beyond that rounding (and exp's, _EXP_MARGIN)
+    kept_counts_kernel[(n_chunks,)](
+        log_p_max, keep, t_max if t_max is not None else log_p_max, counts, cc, aligned, C, eps,
+        HAS_T_MAX=t_max is not None, BLOCK=1024,
+    )  # fmt: skip
+    return keep, counts.tolist()
 
 
 def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log_p_max, eps):
@@ -578,15 +624,15 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     shrink to the kept fraction (no db: the caller falls back to ``_backward`` when the bias
     needs a gradient). A forward chunk with more than ``FILTER_DENSE_FRACTION`` of its
     classes kept runs whole; the kept classes of the others are gathered into dense chunks.
-    Two host syncs: the kept count per chunk, then the gathered classes' indices. Every kept
-    class gets the exact gradient."""
+    One host sync: the kept count per chunk (the gathered classes' indices then come from
+    ``nonzero_static`` at the known count; ``nonzero`` was a second sync). Every kept class gets
+    the exact gradient."""
     N, D = x.shape
     C = w.shape[0]
-    keep = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0)
     dw_scale = None if opts.unit_scale else scale
-    ranges = _chunk_ranges(C, _chunk_cols(x, C, opts.chunk_bytes))  # the forward's chunks
-    ends = torch.tensor([c1 for _, c1 in ranges], device=x.device)
-    counts = torch.diff(keep.cumsum(0)[ends - 1], prepend=ends.new_zeros(1)).tolist()
+    cc = _chunk_cols(x, C, opts.chunk_bytes)
+    ranges = _chunk_ranges(C, cc)  # the forward's chunks
+    keep, counts = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0, cc)
     whole, gathered = [], 0
     for (c0, c1), k in zip(ranges, counts, strict=True):
         if k > FILTER_DENSE_FRACTION * (c1 - c0):
@@ -596,7 +642,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
             gathered += k
     if len(whole) == len(ranges):
         return _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, False, filter_eps=None)
-    cols = keep.nonzero().squeeze(1) if gathered else None
+    cols = torch.nonzero_static(keep, size=gathered).squeeze(1) if gathered else None  # no second sync
     dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
     dw = torch.zeros_like(w) if need_dw else None
     # half: the gathered W rows and their dW come on top
