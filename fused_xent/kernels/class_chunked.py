@@ -564,7 +564,8 @@ def kept_counts_kernel(LogPMax, Keep, TMax, Counts, cc, aligned, C, eps, HAS_T_M
     """Program k takes the classes of forward chunk k (``_chunk_ranges``: ``[k cc, min((k + 1)
     cc, aligned))``, the one past them the tail ``[aligned, C)``). ``Keep`` (bool) arrives
     with the labels set and leaves with every class kept whose bound does not rule it out
-    (``_kept_classes``); ``Counts[k]`` receives the chunk's kept count."""
+    (``_kept_classes``); ``Counts[k]`` receives the chunk's kept count. A program owns its chunk
+    and sums in a fixed order: no atomics, deterministic."""
     k = tl.program_id(0)
     if k < tl.cdiv(aligned, cc):
         c0 = k * cc
