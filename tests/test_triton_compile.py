@@ -154,7 +154,7 @@ def test_every_kernel_launch_compiles_for_hopper():
     launches = _record_launches(_workload)
     names = {launch["name"] for launch in launches}
     expected_kernels = ("linear_xent_forward_kernel", "chunk_stats_kernel", "chunk_grad_kernel", "row_targets_kernel",
-                        "scale_in_place_kernel", "kept_counts_kernel")  # fmt: skip
+                        "scale_in_place_kernel", "kept_counts_kernel", "chunk_grad_tma_kernel")  # fmt: skip
     for expected in expected_kernels:
         assert expected in names, names
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

@@ -32,9 +32,19 @@ gradient on some row; the dW and dX GEMMs then run over the flagged columns. The
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
+from fused_xent.kernels import config
 from fused_xent.kernels.config import target_programs
-from fused_xent.kernels.tiles import fold_row_stats, logit_epilogue, logit_value, target_args, target_tile
+from fused_xent.kernels.linear_xent_forward import tma_loads
+from fused_xent.kernels.tiles import (
+    fold_row_stats,
+    logit_epilogue,
+    logit_value,
+    raw_tile_tma,
+    target_args,
+    target_tile,
+)
 
 #: Launch configurations of the forward's kernels on a GPU (benchmarks/tune_bound.py).
 #: The column-max programs share the stats programs' launch, so their warps too.
@@ -316,6 +326,89 @@ def chunk_grad_kernel(
             tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
         if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
             tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(db_acc, axis=0), mask=col_mask)
+
+
+#: Up to this many features lean's backward recomputes a bf16 chunk's products and writes its dU
+#: in one Triton pass (``chunk_grad_tma_kernel``) instead of a cuBLAS GEMM and then
+#: ``chunk_grad_kernel``: at small K the GEMM is held back by writing the products, which the
+#: grad kernel then reads and overwrites. H100 (``benchmarks/NVIDIA-H100-80GB-HBM3/probe_fused_du.log``):
+#: 1M classes, K = 512, 12.05 against 13.32 ms per pass; ViT-21k, K = 768, a tie.
+FUSED_DU_MAX_D = 512
+#: Its launch configuration on a GPU (the probe's best of 16); the interpreter takes smaller tiles.
+FUSED_DU_TILE = dict(BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, GROUP_M=16, num_warps=8, num_stages=3)
+
+
+@triton.jit
+def _bf16_rounded(raw, INTERPRETED: tl.constexpr):
+    """fp32 ``raw`` rounded to the nearest bf16 (ties to even), back in fp32: the rounding of the
+    cuBLAS chunk. The interpreter's own conversion is off by an ulp in about half of the values
+    (measured against torch), so there the bits are rounded by hand (finite values and infinities
+    exactly; a NaN stays a NaN unless its bits are all ones)."""
+    if INTERPRETED:
+        bits = raw.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return raw.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
+def chunk_grad_tma_kernel(
+    x_desc, w_desc, DU, stride_un, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, N, width, c0, D,
+    stride_tn, stride_tc, softcap, HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr,
+    HAS_HARD: tl.constexpr, HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """``chunk_grad_kernel``'s dU (no db, no filter, classes ``c0 + [0, width)`` contiguous) for one
+    (BLOCK_N x BLOCK_C) tile, from products it computes itself: ``x_desc`` and ``w_desc`` read X
+    and the chunk's rows of W (TMA; rows past the chunk read as zeros), and the products are
+    rounded to DU's dtype first, as the cuBLAS GEMM's output in the chunk buffer is, so dU is
+    that of the two-pass path up to the GEMMs' order of summation (on the H100 bitwise the same,
+    ``probe_fused_du.log``). ``UPCAST``: under the interpreter (``_bf16_rounded``). GROUP_M row tiles are walked
+    together, their W tile staying in L2. Each program writes its own tile: no atomics."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
+    first_m = pid // per_group * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    r0 = (first_m + pid % per_group % group_rows) * BLOCK_N
+    local_c0 = (pid % per_group // group_rows) * BLOCK_C
+    rows = r0 + tl.arange(0, BLOCK_N)
+    local = local_c0 + tl.arange(0, BLOCK_C)
+    row_mask = rows < N
+    col_mask = local < width
+    cols = c0 + local
+    raw = raw_tile_tma(x_desc, w_desc, r0, local_c0, D, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+    r = _bf16_rounded(raw, UPCAST)
+    r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
+    z = logit_epilogue(r, cols, col_mask, Bias, tl.load(Scale).to(tl.float32), softcap, HAS_BIAS, HAS_SOFTCAP)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    cp = tl.load(CP + rows, mask=row_mask, other=0.0)
+    tt = target_tile(Y1, K1, Y2, K2, E, Dn, A, T, rows, row_mask, cols, col_mask, stride_tn, stride_tc,
+                     HAS_HARD, HAS_Y2, HAS_DENSE, HAS_WEIGHT)  # fmt: skip
+    du = cp[:, None] * tl.exp(z - lse[:, None]) - tt
+    if HAS_SOFTCAP:
+        zc = z / softcap
+        du = du * (1.0 - zc * zc)
+    mask = row_mask[:, None] & col_mask[None, :]
+    du = _col_scaled(tl.where(mask, du, 0.0), ColScale, cols, col_mask, HAS_COL_SCALE)
+    out = DU + rows[:, None].to(tl.int64) * stride_un + local[None, :]
+    tl.store(out, du.to(DU.dtype.element_ty), mask=mask)
+
+
+def _fused_du(x, w_k, du, b, scale, lse, cp, kargs, c0, softcap: float) -> None:
+    """dU of classes ``[c0, c0 + len(w_k))`` into ``du`` (N, len(w_k)) by ``chunk_grad_tma_kernel``."""
+    N, D = x.shape
+    width = w_k.shape[0]
+    tile = dict(FUSED_DU_TILE) if x.is_cuda else dict(BLOCK_N=16, BLOCK_C=32, BLOCK_D=16, GROUP_M=2)
+    bn, bc, bd = tile["BLOCK_N"], tile["BLOCK_C"], tile["BLOCK_D"]
+    x_desc = TensorDescriptor(x, [N, D], [x.stride(0), 1], [bn, bd])
+    w_desc = TensorDescriptor(w_k, [width, D], [w_k.stride(0), 1], [bc, bd])
+    pointers, t_strides, flags = kargs
+    chunk_grad_tma_kernel[(triton.cdiv(N, bn) * triton.cdiv(width, bc),)](
+        x_desc, w_desc, du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp, N, width, c0, D,
+        *t_strides, softcap, **flags, **config.dot_options(x.dtype), **tile,
+    )  # fmt: skip
 
 
 def _mm_fp32(a, b, out=None):
@@ -759,6 +852,9 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     N, rows, cc = x.shape[0], w_k.shape[0], buf.shape[1]
     width = rows if cols is None else cols.numel()
     raw = buf[:, :rows]
+    if _one_pass(x, w_k, buf, cols, db_part, keep):
+        _fused_du(x, w_k, raw, b, scale, lse, cp, kargs, c0, opts.softcap or 1.0)
+        return raw
     _raw_products(x, w_k, raw)
     if buf.dtype == x.dtype:
         du = raw
@@ -779,6 +875,14 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     if width < rows:  # the padding columns: zero products (bf16, fp32), fp32 bytes under fp16 dU
         du[:, width:].zero_()
     return du
+
+
+def _one_pass(x, w_k, buf, cols, db_part, keep) -> bool:
+    """Whether ``_recompute_du`` takes ``chunk_grad_tma_kernel``: bf16 operands TMA can read, at
+    most ``FUSED_DU_MAX_D`` features, contiguous classes, no bias partials, no filter flags."""
+    plain = cols is None and db_part is None and keep is None and w_k.shape[0] > 0
+    small = x.shape[1] <= FUSED_DU_MAX_D and x.dtype == buf.dtype == w_k.dtype == torch.bfloat16
+    return plain and small and tma_loads(x, w_k)
 
 
 def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
