@@ -251,3 +251,32 @@ def test_scale_skips_its_pass_when_the_upstream_gradient_is_one():
     skipped = do_bench(lambda: scale_(t, one), warmup=5, rep=50, return_mode="median")
     scaled = do_bench(lambda: scale_(t, other), warmup=5, rep=50, return_mode="median")
     assert skipped < 0.2 * scaled, (skipped, scaled)
+
+
+@pytest.mark.parametrize("features", [dict(), dict(label_smoothing=0.1, softcap=20.0, scale=1.5)])
+def test_one_pass_recompute_gives_the_two_pass_gradients(features, monkeypatch):
+    """Lean's backward at K = 512 in bf16 takes ``chunk_grad_tma_kernel`` (products and dU in one
+    pass): dX and dW are those of the cuBLAS GEMM + ``chunk_grad_kernel`` path bit for bit (its
+    products rounded to bf16 as cuBLAS's, the same epilogue, the same GEMMs after), over several
+    chunks of a 100003-class head (a tail of 3 classes)."""
+    from fused_xent.kernels import class_chunked
+
+    N, D, C = 8192, 512, 100_003
+    x, w, _, y = _problem(N, D, C, torch.bfloat16, seed=11)
+    calls = []
+    fused = class_chunked._fused_du
+    monkeypatch.setattr(class_chunked, "_fused_du", lambda *a: (calls.append(1), fused(*a))[1])
+
+    def grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+        linear_cross_entropy(*leaves, y, impl="lean", memory_budget=256 * 2**20, **features).backward()
+        return [t.grad for t in leaves]
+
+    one = grads()
+    n_calls = len(calls)
+    assert n_calls > 2
+    monkeypatch.setattr(class_chunked, "FUSED_DU_MAX_D", 0)
+    two = grads()
+    assert len(calls) == n_calls  # the second call took the two passes
+    for a, b in zip(one, two, strict=True):
+        assert torch.equal(a, b)
