@@ -132,6 +132,7 @@ def test_margins_column_scale_in_one_pass(name, one_pass_calls):
         dict(),
         dict(label_smoothing=0.1, softcap=5.0, scale=1.3, bias=True),
         dict(weight=True, mixup=True, z_loss=1e-3),
+        dict(mixup=True, label_smoothing=0.2, scale=0.7),
         dict(dense=True),
         dict(col_scale=True),
     ],
