@@ -332,7 +332,8 @@ def chunk_grad_kernel(
 #: in one Triton pass (``chunk_grad_tma_kernel``) instead of a cuBLAS GEMM and then
 #: ``chunk_grad_kernel``: at small K the GEMM is held back by writing the products, which the
 #: grad kernel then reads and overwrites. H100 (``benchmarks/NVIDIA-H100-80GB-HBM3/probe_fused_du.log``):
-#: 1M classes, K = 512, 12.05 against 13.32 ms per pass; ViT-21k, K = 768, a tie.
+#: 1M classes, K = 512, 12.05 against 13.32 ms per pass; ViT-21k, K = 768, a tie. In lean's step
+#: at 1M (``ab_onepass2.log``): 12.6 ms of kernel against 13.1, fw+bw 38.0-38.2 -> 37.5 ms.
 FUSED_DU_MAX_D = 512
 #: Its launch configuration on a GPU (the probe's best of 16); the interpreter takes smaller tiles.
 FUSED_DU_TILE = dict(BLOCK_N=128, BLOCK_C=256, BLOCK_D=64, GROUP_M=16, num_warps=8, num_stages=3)
@@ -385,8 +386,8 @@ def chunk_grad_tma_kernel(
     col_mask = local < width
     cols = c0 + local
     raw = raw_tile_tma(x_desc, w_desc, r0, local_c0, D, UPCAST, DOT_PRECISION, BLOCK_N, BLOCK_C, BLOCK_D)
+    tl.static_assert(not HAS_COL_SCALE)  # the margins' column scale takes the two passes (_one_pass)
     r = _bf16_rounded(raw, UPCAST)
-    r = _col_scaled(r, ColScale, cols, col_mask, HAS_COL_SCALE)
     scale = 1.0 if UNIT_SCALE else tl.load(Scale).to(tl.float32)
     z = logit_epilogue(r, cols, col_mask, Bias, scale, softcap, HAS_BIAS, HAS_SOFTCAP)
     lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
@@ -407,7 +408,7 @@ def chunk_grad_tma_kernel(
         zc = z / softcap
         du = du * (1.0 - zc * zc)
     mask = row_mask[:, None] & col_mask[None, :]
-    du = _col_scaled(tl.where(mask, du, 0.0), ColScale, cols, col_mask, HAS_COL_SCALE)
+    du = tl.where(mask, du, 0.0)
     out = DU + rows[:, None].to(tl.int64) * stride_un + local[None, :]
     tl.store(out, du.to(DU.dtype.element_ty), mask=mask)
 
@@ -869,7 +870,7 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     N, rows, cc = x.shape[0], w_k.shape[0], buf.shape[1]
     width = rows if cols is None else cols.numel()
     raw = buf[:, :rows]
-    if _one_pass(x, w_k, buf, cols, db_part, keep):
+    if _one_pass(x, w_k, buf, cols, db_part, keep, kargs):
         _fused_du(x, w_k, raw, b, scale, lse, cp, kargs, c0, opts)
         return raw
     _raw_products(x, w_k, raw)
@@ -894,10 +895,11 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     return du
 
 
-def _one_pass(x, w_k, buf, cols, db_part, keep) -> bool:
+def _one_pass(x, w_k, buf, cols, db_part, keep, kargs) -> bool:
     """Whether ``_recompute_du`` takes ``chunk_grad_tma_kernel``: bf16 operands TMA can read, at
-    most ``FUSED_DU_MAX_D`` features, contiguous classes, no bias partials, no filter flags."""
-    plain = cols is None and db_part is None and keep is None and w_k.shape[0] > 0
+    most ``FUSED_DU_MAX_D`` features, contiguous classes, no bias partials, no filter flags, no
+    column scale (ArcFace at 1M classes ran 0.3-0.4 ms slower through it, ``ab_onepass2.log``)."""
+    plain = cols is None and db_part is None and keep is None and w_k.shape[0] > 0 and not kargs[2]["HAS_COL_SCALE"]
     small = x.shape[1] <= FUSED_DU_MAX_D and x.dtype == buf.dtype == w_k.dtype == torch.bfloat16
     return plain and small and tma_loads(x, w_k)
 
