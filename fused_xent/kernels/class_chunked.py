@@ -14,7 +14,9 @@ too small for logits). Then
   ``dX_raw += dU @ W[c0:c0+Cc]`` in fp32; ``db`` from per-program partial sums.
 
 Four GEMMs in all (forward, recompute, dW, dX); memory beyond the gradients is one fp32
-chunk of N x Cc plus fp32 dX_raw. No atomics in the exact passes: every sum has a fixed
+chunk of N x Cc plus fp32 dX_raw. At small K (bf16, ``FUSED_DU_MAX_D``) the recompute and the
+grad kernel are one Triton pass, ``chunk_grad_tma_kernel``: the same dU, without writing the
+products to memory and reading them back. No atomics in the exact passes: every sum has a fixed
 order, so the results are bitwise reproducible.
 
 The filtered mode (``impl="filtered"``) skips classes whose gradient stays below the dtype's
