@@ -156,6 +156,35 @@ def target_tile(
     return tt
 
 
+@triton.jit
+def label_target_tile(Y1, K1, Y2, K2, E, rows, row_mask, cols, HAS_Y2: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """``target_tile`` without dense targets or class weights: ``e + k1 [c == y1] + k2 [c == y2]``
+    (``e`` only with ``HAS_SMOOTHING``: it is 0 without), the labels compared as int32 (``cols``
+    int32) and added in ``target_tile``'s order, so the same bits on every column inside C
+    (outside it the caller masks). Fewer instructions per entry than ``target_tile``, for
+    epilogues that run between MMAs."""
+    y1 = tl.load(Y1 + rows, mask=row_mask, other=-1).to(tl.int32)
+    tt = tl.where(cols[None, :] == y1[:, None], tl.load(K1 + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+    if HAS_SMOOTHING:
+        tt = tl.load(E + rows, mask=row_mask, other=0.0)[:, None] + tt
+    if HAS_Y2:
+        y2 = tl.load(Y2 + rows, mask=row_mask, other=-1).to(tl.int32)
+        tt += tl.where(cols[None, :] == y2[:, None], tl.load(K2 + rows, mask=row_mask, other=0.0)[:, None], 0.0)
+    return tt
+
+
+@triton.jit
+def grouped_tile(pid, n_rows, width, GROUP_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``(r0, c0)``, the first row and column of tile ``pid`` of an ``n_rows x width`` grid of
+    (BLOCK_N x BLOCK_C) tiles, numbered GROUP_M row tiles at a time down each column tile, so
+    that programs running together share their column operand in L2."""
+    n_m = tl.cdiv(n_rows, BLOCK_N)
+    per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
+    first_m = pid // per_group * GROUP_M
+    group_rows = tl.minimum(n_m - first_m, GROUP_M)
+    return (first_m + pid % per_group % group_rows) * BLOCK_N, (pid % per_group // group_rows) * BLOCK_C
+
+
 def target_args(rt) -> tuple:
     """The ``target_tile`` pointers of a ``RowTargets`` (absent ones replaced by ``rt.e``,
     never read because their flag is off) and its constexpr flags."""
