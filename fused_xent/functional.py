@@ -17,6 +17,7 @@ import torch
 
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
+from fused_xent.kernels.row_loss import loss_grad_coefs, reduced_loss
 from fused_xent.kernels.scaling import scale_
 from fused_xent.kernels.targets import row_targets
 
@@ -200,18 +201,25 @@ def _setup_forward(ctx, inputs, output):
 def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
     loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
-    x, w, b, scale, lse, aux, *targets = ctx.saved_tensors
+    rt_g = RowTargets(*ctx.saved_tensors[6:]).scaled(-g_lin)
+    return *_input_grads(ctx, g_lse.contiguous(), rt_g, backward), *[None] * 9  # targets, options, backend, need_grad
+
+
+def _input_grads(ctx, cp: torch.Tensor, rt_g: RowTargets, backward) -> tuple:
+    """``(dx, dw, db, dscale)`` (None where not needed) from the backend's backward, for the
+    per-row coefficient ``cp`` on ``p`` and the targets ``rt_g`` scaled as it subtracts them."""
+    x, w, b, scale, lse, aux = ctx.saved_tensors[:6]
     need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
-    rt_g = RowTargets(*targets).scaled(-g_lin)
     dx_raw, dw, db = backward(
-        x, w, b, scale, lse, g_lse.contiguous(), aux, _targets_args(rt_g), *ctx.options, ctx.backend,
-        need_x or need_s, need_w, need_b,
+        x, w, b, scale, lse, cp, aux, _targets_args(rt_g), *ctx.options, ctx.backend, need_x or need_s, need_w, need_b,
     )  # fmt: skip
     dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
-    dx = dx_raw.mul_(scale).to(x.dtype) if need_x else None  # in place: no second fp32 N x D buffer
+    if need_x and not ctx.options[-1]:  # a scale that may not be 1 (options end with unit_scale)
+        dx_raw.mul_(scale)  # in place: no second fp32 N x D buffer
+    dx = dx_raw.to(x.dtype) if need_x else None
     dw = dw if need_w else None  # already in w's dtype (_backward_impl)
     db = db.to(b.dtype) if need_b else None
-    return dx, dw, db, dscale, *[None] * 9  # targets, options, backend, need_grad
+    return dx, dw, db, dscale
 
 
 _forward_op.register_autograd(_forward_op_backward, setup_context=_setup_forward)
@@ -233,6 +241,28 @@ class _EagerLinearXent(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse, g_lin, _g_aux):
         return _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_impl)
+
+
+class _EagerLinearXentReduced(torch.autograd.Function):
+    """``_EagerLinearXent`` with the reduction ("mean" or "sum") inside: the loss from one
+    launch after the backend's forward and, in the backward, the per-row coefficients from
+    one launch (``kernels.row_loss``), where the row loss, its reduction and their autograd
+    nodes took ~26 small launches (host time, more than a small head's GPU time)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, scale, targets, *args):
+        *inputs, reduction = x, w, b, scale, targets, *args  # the options, the backend's name, need_grad
+        output = _forward_impl(*inputs)
+        loss, ctx.divisor = reduced_loss(output[0], output[1], RowTargets(*targets), reduction)
+        _setup_forward(ctx, inputs, output)
+        ctx.reduction = reduction
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        lse, targets = ctx.saved_tensors[4], ctx.saved_tensors[6:]
+        cp, rt_g = loss_grad_coefs(g_loss, ctx.divisor, lse, RowTargets(*targets), ctx.reduction)
+        return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 10  # and the reduction
 
 
 # The fast strategy forms the gradients during the forward, for the upstream gradient a
@@ -489,10 +519,18 @@ def linear_cross_entropy(
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
         args = _targets_args(rt), *_options_args(opts), backend.name, any(needs)
+        if reduction != "none" and not return_lse and _reduces_in_kernels(backend, x):
+            return _EagerLinearXentReduced.apply(x, w, b, scale_t, *args, reduction)
         lse, lin = _linear_xent_rows(x, w, b, scale_t, *args)
         rows = row_loss(lse, lin, rt)
     loss = rows.reshape(batch_shape) if reduction == "none" else _reduce(rows, rt, reduction)
     return (loss, lse.reshape(batch_shape)) if return_lse else loss
+
+
+def _reduces_in_kernels(backend: Backend, x: torch.Tensor) -> bool:
+    """Whether an eager call reduces its loss with ``kernels.row_loss`` (``_EagerLinearXentReduced``):
+    a Triton backend, fp32 rows. Compiled code keeps the torch operations, which inductor fuses."""
+    return backend.name != "chunked" and x.dtype != torch.float64 and not torch.compiler.is_compiling()
 
 
 def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | None:
