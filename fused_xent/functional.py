@@ -838,9 +838,18 @@ def _raise_if_bad(summary: list[int], C: int, ignore_index, deferred: bool) -> N
         raise ValueError(f"lam must lie in [0, 1] on every row{when}")
 
 
+#: The scale of calls without one, per (device, dtype): read only, so shared (a launch less per call).
+_UNIT_SCALES: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
 def _check_scale(scale, device, dtype) -> torch.Tensor:
     if scale is None:
-        return torch.ones(1, device=device, dtype=dtype)
+        if torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            return torch.ones(1, device=device, dtype=dtype)  # a graph's fill runs only when it replays
+        key = (device, dtype)
+        if key not in _UNIT_SCALES:
+            _UNIT_SCALES[key] = torch.ones(1, device=device, dtype=dtype)
+        return _UNIT_SCALES[key]
     if isinstance(scale, numbers.Real):
         return torch.full((1,), float(scale), device=device, dtype=dtype)
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:

@@ -125,15 +125,18 @@ def chunk_stats_kernel(
     N, Cc, c0, stride_tn, stride_tc, softcap, n_row_blocks, n_col_blocks, rows_per_program,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, NEED_LIN: tl.constexpr,
-    HAS_SMOOTHING: tl.constexpr, STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_C: tl.constexpr, COL_BLOCK_N: tl.constexpr, COL_BLOCK_C: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr, STORE_LSE: tl.constexpr, COL_MAX: tl.constexpr, FIRST: tl.constexpr,
+    LAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, COL_BLOCK_N: tl.constexpr,
+    COL_BLOCK_C: tl.constexpr,
 ):  # fmt: skip
     """The forward's one launch per chunk. Its first ``n_row_blocks`` programs fold z of the
     chunk into the running row stats (m, s, lin), each owning BLOCK_N whole rows. A program
     reduces only the row max per tile and keeps its sums per element until its last tile
     (the sum and lin reductions per tile cost 7-10 %, ``tune_stats.log``). With
     ``STORE_LSE`` they also store each row's lse so far, ``LB_next = m + log(s)``, for the
-    next chunk's bound.
+    next chunk's bound. The first chunk's launch (``FIRST``) starts the stats instead of
+    loading them, the last one's (``LAST``) leaves the lse in ``M``: no launches to fill them
+    before, or to combine m and s after (host time on small heads).
 
     With ``COL_MAX`` the launch has ``n_col_blocks`` x (row groups) more programs: program
     (j, g) bounds column block j over rows ``[g * rows_per_program, ...)``,
@@ -159,9 +162,14 @@ def chunk_stats_kernel(
     if pid < n_row_blocks:
         rows = pid.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < N
-        m = tl.load(M + rows, mask=row_mask, other=0.0)
-        s = tl.load(S + rows, mask=row_mask, other=0.0)
-        lin = tl.load(L + rows, mask=row_mask, other=0.0)
+        if FIRST:
+            m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+            s = tl.zeros([BLOCK_N], tl.float32)
+            lin = tl.zeros([BLOCK_N], tl.float32)
+        else:
+            m = tl.load(M + rows, mask=row_mask, other=0.0)
+            s = tl.load(S + rows, mask=row_mask, other=0.0)
+            lin = tl.load(L + rows, mask=row_mask, other=0.0)
         s_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         lin_acc = tl.zeros([BLOCK_N, BLOCK_C], tl.float32)
         for j0 in range(0, Cc, BLOCK_C):
@@ -194,8 +202,11 @@ def chunk_stats_kernel(
                                HAS_COL_SCALE)  # fmt: skip
         elif NEED_LIN:
             lin += tl.sum(lin_acc, axis=1)
-        tl.store(M + rows, m, mask=row_mask)
-        tl.store(S + rows, s, mask=row_mask)
+        if LAST:
+            tl.store(M + rows, m + tl.log(s), mask=row_mask)
+        else:
+            tl.store(M + rows, m, mask=row_mask)
+            tl.store(S + rows, s, mask=row_mask)
         tl.store(L + rows, lin, mask=row_mask)
         if STORE_LSE:
             tl.store(LB_next + rows, m + tl.log(s), mask=row_mask)
@@ -539,11 +550,9 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
 
 def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=None):
     N, C = x.shape[0], w.shape[0]
-    m = torch.full((N,), float("-inf"), device=x.device)
-    s = torch.zeros(N, device=x.device)
-    lin = torch.zeros(N, device=x.device)
-    if N == 0:
-        return m, lin, None
+    if N == 0 or C == 0:  # no chunk: the lse of no class is -inf
+        return torch.full((N,), float("-inf"), device=x.device), torch.zeros(N, device=x.device), None
+    lse, s, lin = (torch.empty(N, device=x.device) for _ in range(3))  # the first chunk starts them
     buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
@@ -567,14 +576,13 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
         n_col_blocks = triton.cdiv(c1 - c0, tile_c)
         grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
         chunk_stats_kernel[(grid,)](
-            raw, raw.stride(0), b if b is not None else x, scale, *pointers, m, s, lin,
-            lse_before[k + 1] if bound and k + 1 < len(ranges) else m, lse_before[k] if col_max_now else m,
-            col_max if bound else m, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
+            raw, raw.stride(0), b if b is not None else x, scale, *pointers, lse, s, lin,
+            lse_before[k + 1] if bound and k + 1 < len(ranges) else lse, lse_before[k] if col_max_now else lse,
+            col_max if bound else lse, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
             rows_per_program or 0, NEED_LIN=need_lin, HAS_SMOOTHING=opts.label_smoothing != 0,
-            STORE_LSE=bound and k + 1 < len(ranges),
-            COL_MAX=col_max_now, **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
+            STORE_LSE=bound and k + 1 < len(ranges), COL_MAX=col_max_now, FIRST=k == 0, LAST=k + 1 == len(ranges),
+            **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
-    lse = m + torch.log(s)
     if not bound:
         return lse, lin, None
     lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
@@ -787,11 +795,13 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
     dw_scale = None if opts.unit_scale or w_norm is not None else scale  # w_norm: the tangent pass scales
-    dx = torch.zeros((N, D), device=x.device, dtype=torch.float32) if need_dx else None
-    dw = (torch.zeros_like(w) if N == 0 else torch.empty_like(w)) if need_dw else None
-    db = torch.zeros((C,), device=x.device, dtype=torch.float32) if need_db else None
     if N == 0:
-        return dx, dw, db
+        dx = torch.zeros((0, D), device=x.device) if need_dx else None
+        return dx, torch.zeros_like(w) if need_dw else None, torch.zeros(C, device=x.device) if need_db else None
+    # every chunk writes its dW rows and db entries; dX: the first unfiltered chunk's GEMM writes it
+    dx = (torch.zeros if filtering else torch.empty)((N, D), device=x.device, dtype=torch.float32) if need_dx else None
+    dw = torch.empty_like(w) if need_dw else None
+    db = torch.empty((C,), device=x.device, dtype=torch.float32) if need_db else None
     bufs = [_chunk(x, C, opts.chunk_bytes) for _ in range(2 if filtering else 1)]
     cc = bufs[0].shape[1]
     kargs = _kernel_args(b, rt_g, opts, None if w_norm is None else w_norm.reciprocal())
@@ -808,9 +818,9 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         du = _recompute_du(x, w[c0:c1], bufs[i % len(bufs)], b, scale, lse, cp, kargs, opts, c0, db_part=db_part,
                            keep=keep if filtering else None, filter_eps=filter_eps)  # fmt: skip
         if need_db:
-            db[c0:c1] = db_part[:, : c1 - c0].sum(0)
+            torch.sum(db_part[:, : c1 - c0], 0, out=db[c0:c1])
         if not filtering:
-            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None)
+            _dense_chunk_grads(x, w[c0:c1], du, dw_scale, dx, dw[c0:c1] if need_dw else None, first=i == 0)
             continue
         # flagged classes first, each part in ascending order; the count goes to the host
         order = torch.sort(keep[:width], descending=True, stable=True).indices
@@ -895,15 +905,15 @@ def _one_pass(x, w_k, buf, cols, db_part, keep, kargs) -> bool:
     return plain and small and tma_loads(x, w_k)
 
 
-def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk):
+def _dense_chunk_grads(x, w_chunk, du, scale, dx, dw_chunk, first: bool = False):
     """``dW`` rows and the ``dX_raw`` term of one chunk from all its columns; ``scale`` None
-    when it is known to be 1."""
+    when it is known to be 1; ``first``: the term is written over ``dx`` (not yet set)."""
     if dw_chunk is not None and scale is None:  # straight from the GEMM, rounded once to w's dtype
         torch.mm(du.T, x, out=dw_chunk)
     elif dw_chunk is not None:  # the scale multiplies the fp32 product, before the one rounding
         torch.mul(_mm_fp32(du.T, x), scale, out=dw_chunk)
     if dx is not None:
-        _addmm_fp32(dx, du, w_chunk)
+        _accumulate(dx, du, w_chunk, first)
 
 
 def _gathered_chunk_grads(x, w_k, du, scale, dx, dw, cols):
