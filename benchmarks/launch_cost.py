@@ -1,0 +1,58 @@
+"""Host cost of one launch on this machine: a Triton kernel with few and with many arguments
+(as fused_xent's per-chunk kernels take), a small torch.mm into a preallocated output, and a
+small elementwise torch op. Trivial GPU work, no sync inside the timed loop: the host's time per
+launch. ``PYTHONPATH=. python benchmarks/launch_cost.py``"""
+
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def few_args(X, Y, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+@triton.jit
+def many_args(X, Y, P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, n, i0, i1, i2, i3, i4, i5, i6, f0, f1,
+              A: tl.constexpr, B: tl.constexpr, C: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+              F: tl.constexpr, G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, J: tl.constexpr,
+              BLOCK: tl.constexpr):  # fmt: skip
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+
+def per_call(fn, n=2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = (time.perf_counter() - t0) / n * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+x = torch.randn(4096, device="cuda")
+y = torch.empty_like(x)
+ps = [torch.empty(16, device="cuda") for _ in range(12)]
+flags = dict(A=True, B=False, C=True, D=False, E=True, F=False, G=True, H=False, K=True, J=False)
+a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
+out = torch.empty(64, 64, device="cuda", dtype=torch.bfloat16)
+rows = {
+    "Triton, 3 arguments + 1 constexpr": lambda: few_args[(4,)](x, y, 4096, BLOCK=1024),
+    "Triton, 24 arguments + 11 constexpr": lambda: many_args[(4,)](
+        x, y, *ps, 4096, 3, 5, 7, 9, 11, 13, 15, 0.5, 1.5, **flags, BLOCK=1024
+    ),
+    "torch.mm(out=), 64 x 64 bf16": lambda: torch.mm(a, a, out=out),
+    "torch.add, 4096 fp32": lambda: torch.add(x, 1.0),
+}
+print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton {triton.__version__}")
+print("| launch | host us per call (median of 3 runs of 2000) |")
+print("|---|---|")
+for name, fn in rows.items():
+    print(f"| {name} | {sorted(per_call(fn) for _ in range(3))[1]:.1f} |")
