@@ -495,7 +495,7 @@ def linear_cross_entropy(
     backend = _choose(impl, x, dense and target.requires_grad)
     lam_w = None if lam_rows is None else lam_rows.to(wide)
     weight_w = None if class_weight is None else class_weight.to(wide)
-    if not dense and backend is not None and backend.name != "chunked" and not torch.compiler.is_compiling():
+    if not dense and backend is not None and _eager_triton(backend):
         # the Triton backends: every per-row coefficient and the label range in one launch
         rt, summary = row_targets(t, target2=t2, lam=lam_w, class_weight=weight_w, ignore_index=ignore_index, opts=opts)
         _report_target_range(summary, C, ignore_index)
@@ -519,7 +519,7 @@ def linear_cross_entropy(
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
         args = _targets_args(rt), *_options_args(opts), backend.name, any(needs)
-        if reduction != "none" and not return_lse and _reduces_in_kernels(backend, x):
+        if reduction != "none" and not return_lse and _eager_triton(backend) and x.dtype != torch.float64:
             return _EagerLinearXentReduced.apply(x, w, b, scale_t, *args, reduction)
         lse, lin = _linear_xent_rows(x, w, b, scale_t, *args)
         rows = row_loss(lse, lin, rt)
@@ -527,10 +527,12 @@ def linear_cross_entropy(
     return (loss, lse.reshape(batch_shape)) if return_lse else loss
 
 
-def _reduces_in_kernels(backend: Backend, x: torch.Tensor) -> bool:
-    """Whether an eager call reduces its loss with ``kernels.row_loss`` (``_EagerLinearXentReduced``):
-    a Triton backend, fp32 rows. Compiled code keeps the torch operations, which inductor fuses."""
-    return backend.name != "chunked" and x.dtype != torch.float64 and not torch.compiler.is_compiling()
+def _eager_triton(backend: Backend) -> bool:
+    """Whether the call launches Triton kernels outside a compiled graph: it then forms its row
+    targets (``kernels.targets``) and, for fp32 rows, its reduced loss (``kernels.row_loss``,
+    ``_EagerLinearXentReduced``) in one launch each; compiled code keeps the torch operations,
+    which inductor fuses."""
+    return backend.name != "chunked" and not torch.compiler.is_compiling()
 
 
 def _choose(impl: str, x: torch.Tensor, target_needs_grad: bool) -> Backend | None:

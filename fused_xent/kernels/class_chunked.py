@@ -795,8 +795,8 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     C = w.shape[0]
     filtering = filter_eps is not None and (need_dx or need_dw)
     dw_scale = None if opts.unit_scale or w_norm is not None else scale  # w_norm: the tangent pass scales
-    if N == 0:
-        dx = torch.zeros((0, D), device=x.device) if need_dx else None
+    if N == 0 or C == 0:  # no chunk to write them
+        dx = torch.zeros((N, D), device=x.device) if need_dx else None
         return dx, torch.zeros_like(w) if need_dw else None, torch.zeros(C, device=x.device) if need_db else None
     # every chunk writes its dW rows and db entries; dX: the first unfiltered chunk's GEMM writes it
     dx = (torch.zeros if filtering else torch.empty)((N, D), device=x.device, dtype=torch.float32) if need_dx else None
