@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,20 +107,34 @@ def _forward_impl(
     unit_scale: bool,
     backend: str,
     need_grad: bool,
+    spare_bytes: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``backend.forward`` on flat arguments (its ``forward_only`` when no backward follows):
     ``(lse, lin, aux)``, lse and lin (N,) in the compute dtype; ``aux`` what the backend's
     forward hands its backward besides lse (filtered's per-class bound, ``_aux_size``), else
-    empty."""
+    empty. ``spare_bytes``: the bytes the backward will allocate for the gradients before its
+    chunks run (``_spare_bytes``), which lean's training forward adds to its logit chunk."""
     aux = x.new_empty((0,), dtype=torch.float32)
     if x.shape[0] == 0:
         return _rows_like(x), _rows_like(x), aux
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
+    if need_grad and spare_bytes and backend == "class_chunked":
+        from fused_xent.kernels.class_chunked import CHUNK_BYTES
+
+        forward = functools.partial(forward, chunk_bytes=(chunk_bytes or CHUNK_BYTES) + spare_bytes)
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
         lse, lin, *rest = forward(x, w, b, scale, rt, opts)
     return lse, lin, rest[0] if rest else aux
+
+
+def _spare_bytes(x: torch.Tensor, w: torch.Tensor, needs: list[bool]) -> int:
+    """The bytes lean's backward allocates before its chunks run: dW (in w's dtype) and the
+    fp32 dX accumulator, for the gradients ``needs`` (x, w, b, scale) asks. Its forward comes
+    before them and may hold them as logits: fewer, wider chunks, the call's peak unchanged."""
+    need_x, need_w, _, need_s = needs
+    return (w.numel() * w.element_size() if need_w else 0) + (4 * x.numel() if need_x or need_s else 0)
 
 
 def _aux_size(x, w, targets, backend: str, need_grad: bool) -> int:
@@ -133,8 +148,8 @@ _forward_op = torch.library.custom_op("fused_xent::linear_xent_forward", _forwar
 
 
 @_forward_op.register_fake
-def _(x, w, b, scale, targets, *options_backend_need_grad):
-    *_, backend, need_grad = options_backend_need_grad
+def _(x, w, b, scale, targets, *options_backend_need_grad_spare):
+    *_, backend, need_grad, _spare = options_backend_need_grad_spare
     aux = x.new_empty((_aux_size(x, w, targets, backend, need_grad),), dtype=torch.float32)
     return _rows_like(x), _rows_like(x), aux
 
@@ -193,7 +208,7 @@ def _(
 
 
 def _setup_forward(ctx, inputs, output):
-    x, w, b, scale, targets, *options, backend, _ = inputs
+    x, w, b, scale, targets, *options, backend, _, _ = inputs
     ctx.save_for_backward(x, w, b, scale, output[0], output[2], *targets)
     ctx.options, ctx.backend = options, backend
 
@@ -202,7 +217,8 @@ def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
     loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
     rt_g = RowTargets(*ctx.saved_tensors[6:]).scaled(-g_lin)
-    return *_input_grads(ctx, g_lse.contiguous(), rt_g, backward), *[None] * 9  # targets, options, backend, need_grad
+    # no gradient for: the targets, the options, the backend, need_grad, spare_bytes
+    return *_input_grads(ctx, g_lse.contiguous(), rt_g, backward), *[None] * 10
 
 
 def _input_grads(ctx, cp: torch.Tensor, rt_g: RowTargets, backward) -> tuple:
@@ -232,7 +248,7 @@ class _EagerLinearXent(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, scale, targets, *args):
-        inputs = (x, w, b, scale, targets, *args)  # the options, the backend's name, need_grad
+        inputs = (x, w, b, scale, targets, *args)  # the options, the backend's name, need_grad, spare_bytes
         output = _forward_impl(*inputs)
         _setup_forward(ctx, inputs, output)
         ctx.mark_non_differentiable(output[2])
@@ -251,7 +267,7 @@ class _EagerLinearXentReduced(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, b, scale, targets, *args):
-        *inputs, reduction = x, w, b, scale, targets, *args  # the options, the backend's name, need_grad
+        *inputs, reduction = x, w, b, scale, targets, *args  # the options, the backend, need_grad, spare_bytes
         output = _forward_impl(*inputs)
         loss, ctx.divisor = reduced_loss(output[0], output[1], RowTargets(*targets), reduction)
         _setup_forward(ctx, inputs, output)
@@ -262,7 +278,7 @@ class _EagerLinearXentReduced(torch.autograd.Function):
     def backward(ctx, g_loss):
         lse, targets = ctx.saved_tensors[4], ctx.saved_tensors[6:]
         cp, rt_g = loss_grad_coefs(g_loss, ctx.divisor, lse, RowTargets(*targets), ctx.reduction)
-        return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 10  # and the reduction
+        return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 11  # and the reduction
 
 
 # The fast strategy forms the gradients during the forward, for the upstream gradient a
@@ -518,7 +534,8 @@ def linear_cross_entropy(
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
-        args = _targets_args(rt), *_options_args(opts), backend.name, any(needs)
+        spare = _spare_bytes(x, w, needs) if backend.name == "class_chunked" else 0
+        args = _targets_args(rt), *_options_args(opts), backend.name, any(needs), spare
         if reduction != "none" and not return_lse and _eager_triton(backend) and x.dtype != torch.float64:
             return _EagerLinearXentReduced.apply(x, w, b, scale_t, *args, reduction)
         lse, lin = _linear_xent_rows(x, w, b, scale_t, *args)

@@ -230,9 +230,9 @@ def test_custom_ops_pass_opcheck(need):
         opts=fused_xent.formulation.XentOptions(num_classes=9, label_smoothing=0.1),
     )
     targets = fused_xent.functional._targets_args(rt)
-    fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, None, False, "chunked", True)
+    fwd_args = (x, w, b, s, targets, 9, 0.1, 0.0, None, None, False, "chunked", True, 0)
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, fwd_args)
-    filtered_args = (*fwd_args[:-4], 2**20, True, "filtered", True)  # a third output: the per-class bound
+    filtered_args = (*fwd_args[:-5], 2**20, True, "filtered", True, 0)  # a third output: the per-class bound
     torch.library.opcheck(torch.ops.fused_xent.linear_xent_forward.default, filtered_args)
     lse = torch.logsumexp(x @ w.detach().T + b.detach(), -1).detach()
     aux = torch.empty(0)
@@ -286,7 +286,7 @@ def test_custom_ops_return_what_their_fake_implementations_declare(backend, dtyp
     targets, options = functional._targets_args(rt), functional._options_args(opts)
     scale = torch.tensor([1.25])
     checks = ("test_schema", "test_faketensor")
-    forward_args = (x, w, b, scale, targets, *options, backend, True)
+    forward_args = (x, w, b, scale, targets, *options, backend, True, 4096)  # lean's forward: wider chunks
     torch.library.opcheck(functional._forward_op, forward_args, test_utils=checks)
     lse, _, aux = functional._forward_op(*forward_args)
     cp = torch.linspace(0.5, 1.5, 6)

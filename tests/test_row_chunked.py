@@ -187,16 +187,18 @@ def test_auto_takes_fast_only_where_it_fits_and_pays(monkeypatch):
 def test_memory_budget_sizes_the_lean_chunk(monkeypatch, impl):
     """A budget the user sets gives "lean" and "filtered" a chunk of what it leaves beside the
     fp32 dX accumulator (here 256 fp32 columns: three chunks of 600 classes); without one they keep the
-    default chunk. The result is the one-chunk result up to summation order."""
+    default chunk. Lean's training forward adds the bytes of the gradients its backward will
+    allocate (dW and the fp32 dX: ``functional._spare_bytes``). The result is the one-chunk
+    result up to summation order."""
     from fused_xent.kernels import class_chunked
 
     monkeypatch.setattr(class_chunked, "BUDGET_SLACK_BYTES", 0)
     monkeypatch.setattr(class_chunked, "MIN_BUDGET_CHUNK_BYTES", 0)
     sizes, chunk = [], class_chunked._chunk
 
-    def spy(x, C, nbytes=None):
+    def spy(x, C, nbytes=None, **kwargs):
         sizes.append(nbytes)
-        return chunk(x, C, nbytes)
+        return chunk(x, C, nbytes, **kwargs)
 
     monkeypatch.setattr(class_chunked, "_chunk", spy)
     N, D, C = 8, 16, 600
@@ -209,10 +211,12 @@ def test_memory_budget_sizes_the_lean_chunk(monkeypatch, impl):
         loss = linear_cross_entropy(xs, ws, y, impl=impl, memory_budget=memory_budget)
         loss.backward()
         results.append((loss.detach(), xs.grad, ws.grad))
+        spare = (C * D + N * D) * 4 if impl == "lean" else 0  # dW and the fp32 dX, both fp32 here
         if memory_budget is None:
-            assert sizes[0] is None
+            assert sizes[0] == (class_chunked.CHUNK_BYTES + spare if spare else None) and sizes[-1] is None
         else:
-            assert sizes[0] == 256 * N * 4  # the forward's chunk: 256 columns
-            assert class_chunked._chunk_cols(x, C, sizes[0]) == 256
+            assert sizes[0] == 256 * N * 4 + spare  # the forward's chunk
+            assert sizes[-1] == 256 * N * 4  # the backward's: 256 columns
+            assert class_chunked._chunk_cols(x, C, sizes[-1]) == 256
     for one, three in zip(*results, strict=True):
         torch.testing.assert_close(three, one, rtol=1e-5, atol=1e-7)

@@ -50,6 +50,7 @@ from fused_xent.functional import (
     _check_budget,
     _check_target_range,
     _lean_chunk_bytes,
+    _spare_bytes,
     linear_cross_entropy,
 )
 from fused_xent.kernels.config import interpreting
@@ -130,8 +131,8 @@ class _CosineRest(torch.autograd.Function):
     outputs') into one (C, D) buffer, projected on the tangent."""
 
     @staticmethod
-    def forward(ctx, xn, w, idx, excluded, s, chunk_bytes):
-        from fused_xent.kernels.class_chunked import class_chunked_forward
+    def forward(ctx, xn, w, idx, excluded, s, chunk_bytes, spare_bytes):
+        from fused_xent.kernels.class_chunked import CHUNK_BYTES, class_chunked_forward
 
         C = w.shape[0]
         norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
@@ -141,7 +142,8 @@ class _CosineRest(torch.autograd.Function):
             torch.zeros(xn.shape[0], device=xn.device, dtype=torch.long),
             target2=None, lam=None, class_weight=None, ignore_index=None, opts=opts,
         )  # fmt: skip
-        lse, _ = class_chunked_forward(xn, w, bias, scale, rt, opts, need_lin=False, w_norm=norm)
+        chunk = (chunk_bytes or CHUNK_BYTES) + spare_bytes if spare_bytes else None  # the gradients' bytes
+        lse, _ = class_chunked_forward(xn, w, bias, scale, rt, opts, need_lin=False, chunk_bytes=chunk, w_norm=norm)
         ctx.save_for_backward(xn, w, idx, bias, scale, norm, lse)
         ctx.rt, ctx.opts = rt, opts
         return lse, (w[idx].to(norm.dtype) / norm[idx, None]).to(w.dtype)
@@ -159,7 +161,7 @@ class _CosineRest(torch.autograd.Function):
         )  # fmt: skip
         if need_w and g_t is not None:
             dw.index_add_(0, idx, _tangent(g_t, w[idx], norm[idx]).to(dw.dtype))
-        return dx.mul_(scale).to(xn.dtype) if need_x else None, dw if need_w else None, None, None, None, None
+        return dx.mul_(scale).to(xn.dtype) if need_x else None, dw if need_w else None, *[None] * 5
 
 
 def _excluding_bias(C: int, excluded: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -258,7 +260,9 @@ def margin_cross_entropy(
     xn = nn.functional.normalize(input, dim=-1)
     if _in_kernel_norms(input, impl):
         chunk_bytes = _lean_chunk_bytes(_lean_budget(memory_budget, xn, C), xn, True, False)
-        lse_rest, wn_t = _CosineRest.apply(xn, linear_weight, slots.clamp(max=C - 1), slots, s, chunk_bytes)
+        needs = [torch.is_grad_enabled() and t.requires_grad for t in (xn, linear_weight)]
+        spare = _spare_bytes(xn, linear_weight, [*needs, False, False])
+        lse_rest, wn_t = _CosineRest.apply(xn, linear_weight, slots.clamp(max=C - 1), slots, s, chunk_bytes, spare)
     else:
         wn, wn_t = _NormalizedRows.apply(linear_weight, slots.clamp(max=C - 1))
         bias = _excluding_bias(C, slots, wn)

@@ -62,6 +62,14 @@ CHUNK_BYTES = 64 * 2**20
 MIN_CHUNK_COLS = 4096
 
 
+#: The multiple of the widths of lean's wider chunks (the training forward's, the backward's in
+#: dW's rows): a chunk's rows lie its width apart. On the H100 at 1M classes, wider chunks at
+#: multiples of 8 (rows 16-byte aligned) took the stats kernel 4.6 -> 8.2-8.4 ms per step and the
+#: one-pass recompute 12.5 -> 14.2-25.6 (the wider, the slower); at multiples of 128 (256-byte
+#: aligned) 4.0 and 12.6 (``benchmarks/probe_chunk_plan.py``, session 13).
+CHUNK_ALIGN = 128
+
+
 def set_chunk_bytes(nbytes: int) -> None:
     """Set the memory the class-chunked strategy may hold for one chunk of logits."""
     global CHUNK_BYTES
@@ -464,10 +472,15 @@ def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
 
 
-def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None):
+def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None, balanced: bool = False):
     """The logit-chunk buffer (N, Cc) within ``nbytes`` (default ``CHUNK_BYTES``), Cc a
-    multiple of 128 (or C)."""
-    return torch.empty((x.shape[0], _chunk_cols(x, C, nbytes)), device=x.device, dtype=_chunk_dtype(x.dtype))
+    multiple of 128 (or C); ``balanced``: the fewest chunks of that width, made as equal as
+    multiples of ``CHUNK_ALIGN`` allow, so that the last one is not a sliver."""
+    cols = _chunk_cols(x, C, nbytes)
+    if balanced and cols < C:
+        aligned = C - C % 8
+        cols = min(cols, triton.cdiv(triton.cdiv(aligned, triton.cdiv(aligned, cols)), CHUNK_ALIGN) * CHUNK_ALIGN)
+    return torch.empty((x.shape[0], cols), device=x.device, dtype=_chunk_dtype(x.dtype))
 
 
 def _chunk_cols(x: torch.Tensor, C: int, nbytes: int | None = None) -> int:
@@ -553,7 +566,7 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
     if N == 0 or C == 0:  # no chunk: the lse of no class is -inf
         return torch.full((N,), float("-inf"), device=x.device), torch.zeros(N, device=x.device), None
     lse, s, lin = (torch.empty(N, device=x.device) for _ in range(3))  # the first chunk starts them
-    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes)
+    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes, balanced=not bound)  # the bound's chunks: fixed widths
     cc = buf.shape[1]
     ranges = _chunk_ranges(C, cc)
     pointers, t_strides, flags = _kernel_args(b, rt, opts, col_scale)
@@ -811,11 +824,17 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         counts = torch.empty(2, dtype=torch.int32, pin_memory=x.is_cuda)
         events = [torch.cuda.Event() if x.is_cuda else None for _ in range(2)]
     pending = None  # the filtered chunk whose GEMMs wait for its count of flagged classes
-    for i, (c0, c1) in enumerate(_chunk_ranges(C, cc)):
+    in_dw = not filtering and dw is not None and dw_scale is None and db_part is None and dw.is_contiguous()
+    if in_dw:
+        ranges = _dw_ranges(C, cc, N * bufs[0].element_size(), D * w.element_size())
+    else:
+        ranges = _chunk_ranges(C, cc)
+    for i, (c0, c1) in enumerate(ranges):
         width = c1 - c0
         if filtering:
             keep.zero_()
-        du = _recompute_du(x, w[c0:c1], bufs[i % len(bufs)], b, scale, lse, cp, kargs, opts, c0, db_part=db_part,
+        buf = bufs[i % len(bufs)] if width <= cc else _dw_tail(dw, c1, N, width, bufs[0].dtype)
+        du = _recompute_du(x, w[c0:c1], buf, b, scale, lse, cp, kargs, opts, c0, db_part=db_part,
                            keep=keep if filtering else None, filter_eps=filter_eps)  # fmt: skip
         if need_db:
             torch.sum(db_part[:, : c1 - c0], 0, out=db[c0:c1])
@@ -835,6 +854,34 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
     if w_norm is not None and need_dw:  # one pass over dW: its rows so far hold sum_i dU_ij / n_j x_i
         _tangent_rows(dw, w, w_norm, None if opts.unit_scale else scale, dw)
     return dx, dw, db
+
+
+def _dw_ranges(C: int, cc: int, logit_bytes: int, dw_bytes: int) -> list[tuple[int, int]]:
+    """The exact backward's class ranges when it writes dW straight from its GEMMs: a chunk
+    whose logits fit in dW's rows past it (not yet written: ``_dw_tail``) is as wide as they
+    allow, ``w * logit_bytes <= (C - c0 - w) * dw_bytes``, a multiple of ``CHUNK_ALIGN``; the
+    classes left then go in equal chunks of at most ``cc`` (the chunk buffer, a multiple of 8),
+    then ``_chunk_ranges``'s tail."""
+    aligned = C - C % 8
+    ranges, c0 = [], 0
+    while c0 < aligned:
+        wide = (C - c0) * dw_bytes // (logit_bytes + dw_bytes) // CHUNK_ALIGN * CHUNK_ALIGN
+        if wide <= cc:
+            rest = aligned - c0
+            step = min(cc, triton.cdiv(triton.cdiv(rest, triton.cdiv(rest, cc)), 8) * 8)
+            ranges += [(a, min(a + step, aligned)) for a in range(c0, aligned, step)]
+            break
+        ranges.append((c0, min(aligned, c0 + wide)))
+        c0 = ranges[-1][1]
+    return ranges + ([(aligned, C)] if aligned < C else [])
+
+
+def _dw_tail(dw: torch.Tensor, c1: int, N: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    """An (N, width) logit chunk over the bytes of dW's rows from ``c1`` on, which no GEMM has
+    written yet: the chunks after run in stream order, each writing its rows after the chunk
+    before has read its logits (``_dw_ranges`` keeps the bytes within those rows)."""
+    nbytes = N * width * torch.empty((), dtype=dtype).element_size()
+    return dw.view(-1)[c1 * dw.shape[1] :].view(torch.uint8)[:nbytes].view(dtype).view(N, width)
 
 
 def _bounded_pieces(whole, cols, cc: int) -> list[tuple[int, int, torch.Tensor | None]]:

@@ -1,0 +1,127 @@
+"""Lean's chunks beyond its logit buffer (``kernels.class_chunked``, under the interpreter here).
+
+The training forward runs before the backward allocates dW and the fp32 dX, so it may hold
+their bytes as logits (``functional._spare_bytes``): fewer, wider chunks. The exact backward
+writes dW one chunk of rows at a time, so a chunk's logits may live in dW's rows past it, not
+yet written (``_dw_ranges``, ``_dw_tail``). The gradients stay those of torch's own bf16 / fp16 /
+fp32 computation against float64 (``test_functional.check``), and the chunks are checked to be
+the wider ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_functional import check, make_problem
+from test_margins import loss_and_grads, problem, reference
+from torch_reference import rel_err
+
+from fused_xent import linear_cross_entropy
+from fused_xent.integrations.margins import margin_cross_entropy
+from fused_xent.kernels import class_chunked
+
+
+@pytest.fixture
+def chunks(monkeypatch):
+    """A 128-class logit buffer, and the widths of every chunk's products by pass: the
+    forward's (``_raw_products`` before any backward) and the backward's (their ``dW``-row
+    chunks marked ``"dw"``)."""
+    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
+    seen = {"forward": [], "backward": [], "dw": []}
+    phase = ["forward"]
+    raw_products, recompute, dw_tail = class_chunked._raw_products, class_chunked._recompute_du, class_chunked._dw_tail
+
+    def spy_products(x, w_chunk, out):
+        if phase[0] == "forward":
+            seen["forward"].append(w_chunk.shape[0])
+        return raw_products(x, w_chunk, out)
+
+    def spy_recompute(x, w_k, *args, **kwargs):
+        phase[0] = "backward"
+        seen["backward"].append(w_k.shape[0])
+        return recompute(x, w_k, *args, **kwargs)
+
+    def spy_tail(dw, c1, N, width, dtype):
+        seen["dw"].append(width)
+        return dw_tail(dw, c1, N, width, dtype)
+
+    monkeypatch.setattr(class_chunked, "_raw_products", spy_products)
+    monkeypatch.setattr(class_chunked, "_recompute_du", spy_recompute)
+    monkeypatch.setattr(class_chunked, "_dw_tail", spy_tail)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "C,cc,logit_bytes,dw_bytes",
+    [(1003, 128, 32, 128), (301, 128, 74, 64), (256000, 6016, 16384, 4608), (1_000_000, 13696, 8192, 1024),
+     (21841, 9088, 8192, 1536), (64, 128, 2, 4096), (7, 128, 4, 4), (1000, 1000, 1, 1)],
+)  # fmt: skip
+def test_dw_ranges_cover_the_classes_and_fit_in_dw(C, cc, logit_bytes, dw_bytes):
+    ranges = class_chunked._dw_ranges(C, cc, logit_bytes, dw_bytes)
+    aligned = C - C % 8
+    assert ranges[0][0] == 0 and ranges[-1][1] == C
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:], strict=False))
+    for c0, c1 in ranges:
+        width = c1 - c0
+        if c0 >= aligned:  # the tail of fewer than 8 classes
+            assert width == C - aligned
+            continue
+        assert width % 8 == 0 or c1 == aligned == C, (c0, c1)
+        if width > cc:  # its logits in dW's rows past it, as many as fit in multiples of 128
+            assert width * logit_bytes <= (C - c1) * dw_bytes
+            assert width % 128 == 0 or c1 == aligned
+            assert c1 == aligned or (width + 128) * logit_bytes > (C - c1 - 128) * dw_bytes
+    regular = [c1 - c0 for c0, c1 in ranges if c1 - c0 <= cc and c0 < aligned]
+    if regular:  # the fewest chunks of the buffer's width at most, equal but for the last
+        assert max(regular) <= cc and len(regular) == -(-sum(regular) // cc)
+        assert len(set(regular[:-1])) <= 1 and regular[-1] <= regular[0]
+
+
+@pytest.mark.parametrize(
+    "dtype,opts,forward",
+    [
+        (torch.bfloat16, dict(), [1000, 3]),  # the one-pass recompute at D = 64
+        (torch.float32, dict(label_smoothing=0.1, ignore=3), [1000, 3]),
+        (torch.float16, dict(dense=True), [512, 488, 3]),  # fp32 logits, over fp16 dW's bytes in the backward
+        (torch.float32, dict(reduction="sum"), [1000, 3]),
+    ],
+)
+def test_lean_chunks_in_spare_bytes_keep_the_gradients(dtype, opts, forward, chunks):
+    check("lean", dtype, 64, 64, 1003, **opts)
+    # the forward holds dW's and the fp32 dX's bytes as logits (the buffer alone: 9 chunks);
+    # the backward's logits of its first chunks in dW's rows past them
+    assert chunks["forward"] == forward
+    per_class = 64 * (2 if dtype == torch.bfloat16 else 4)
+    expected = class_chunked._dw_ranges(1003, 128, per_class, 64 * torch.empty((), dtype=dtype).element_size())
+    assert chunks["backward"] == [c1 - c0 for c0, c1 in expected]
+    assert chunks["dw"] == [w for w in chunks["backward"] if w > 128] and chunks["dw"]
+
+
+def test_lean_forward_without_dw_keeps_its_chunk(chunks):
+    """A frozen W allocates no dW: the forward's chunks are the buffer's, and the backward has no
+    dW rows to hold logits."""
+    x, w, _, y, _ = make_problem(64, 64, 1003, torch.bfloat16, seed=3)
+    x.requires_grad_()
+    linear_cross_entropy(x, w, y, impl="lean").backward()
+    assert chunks["forward"] == [128] * 7 + [104, 3]
+    assert chunks["backward"] == chunks["forward"] and not chunks["dw"]
+
+
+@pytest.mark.parametrize("features", ["bias", "scale"])
+def test_lean_backward_keeps_its_buffer_for_a_bias_or_a_scale(features, chunks):
+    """The bias's partial sums are as wide as the buffer, and a scale rounds dW after an fp32
+    product per chunk: both keep the buffer's chunks (the forward still widens)."""
+    check("lean", torch.float32, 64, 64, 1003, bias=features == "bias", scale=1.3 if features == "scale" else None)
+    assert chunks["forward"] == [1000, 3]
+    assert max(chunks["backward"]) <= 128 and not chunks["dw"]
+
+
+def test_margins_backward_logits_in_dw(chunks):
+    """The margins' cosine logits (W's norms inside the kernels, then the tangent pass over dW)
+    through lean with wide chunks: the gradients of the materialised reference."""
+    x, w, y = problem(64, 64, 1003, dtype=torch.float32, seed=7, spread=0.8)
+    got = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=32.0, m2=0.5, impl="lean"), x, w)
+    want = loss_and_grads(lambda a, b: reference(a, b, y, s=32.0, m=(1.0, 0.5, 0.0)), x, w)
+    assert chunks["dw"], chunks
+    for a, b in zip(got, want, strict=True):
+        assert rel_err(a, b) < 1e-5, rel_err(a, b)
