@@ -71,6 +71,49 @@ def test_real_size_within_twice_torch_error(size, dtype, impl):
         assert rel_err(g_, r_) <= max(bound, floor), (name, rel_err(g_, r_), bound)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_lean_chunks_in_the_gradients_bytes_at_real_size(dtype, monkeypatch):
+    """Lean without a bias (no db: its backward may put a chunk's logits in dW's rows past it,
+    ``class_chunked._dw_tail``; fp16's fp32 logits over fp16 dW bytes) at the Gemma 2 head: every
+    gradient within twice torch's own error, and the wider chunks taken."""
+    from fused_xent.kernels import class_chunked
+
+    tails, dw_tail = [], class_chunked._dw_tail
+
+    def spy(dw, c1, N, width, chunk_dtype):
+        tails.append(width)
+        return dw_tail(dw, c1, N, width, chunk_dtype)
+
+    monkeypatch.setattr(class_chunked, "_dw_tail", spy)
+    N, D, C = SIZES["gemma2"]
+    x, w, _, y = _problem(N, D, C, dtype, seed=11)
+    opts = dict(label_smoothing=0.1, ignore_index=-100)
+
+    def grads(fn, dt):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, w)]
+        loss = fn(*leaves)
+        loss.backward()
+        return [loss.detach().float()] + [t.grad.float() for t in leaves]
+
+    def torch_loss(xx, ww):
+        return F.cross_entropy(F.linear(xx, ww).float(), y, **opts)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = grads(torch_loss, torch.float32)
+        own = grads(torch_loss, dtype) if dtype != torch.float32 else None
+        got = grads(lambda xx, ww: linear_cross_entropy(xx, ww, y, impl="lean", **opts), dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert len(tails) >= 2 and all(t % class_chunked.CHUNK_ALIGN == 0 for t in tails), tails
+    floor = 2e-5 if dtype == torch.float32 else 1e-4
+    assert rel_err(got[0], ref[0]) < floor
+    for name, g_, r_, o_ in zip(("dx", "dw"), got[1:], ref[1:], own[1:] if own else [None] * 2, strict=True):
+        bound = 2 * rel_err(o_, r_) if o_ is not None else floor
+        assert rel_err(g_, r_) <= max(bound, floor), (name, rel_err(g_, r_), bound)
+
+
 def test_forward_only_needs_no_logit_memory():
     N, D, C = SIZES["gemma2"]
     x, w, b, y = _problem(N, D, C, torch.bfloat16, seed=3)
