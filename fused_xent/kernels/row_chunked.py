@@ -38,10 +38,6 @@ from fused_xent.kernels.class_chunked import (
 #: ~700 TFLOP/s that pays from ~930 rows. H100: fast beat lean at 1408 rows per chunk (Gemma 2,
 #: 61.6 vs 67.4 ms) and lost at 512 (1M classes, 52.5 vs 44.2 ms).
 MIN_FAST_ROWS = 1024
-#: The logit buffer's row pitch: a multiple of this many classes. 8 keeps rows 16-byte aligned
-#: for cuBLAS (it is slow on odd bf16 strides); 128 makes them 256-byte aligned, at which lean's
-#: stats and one-pass kernels ran up to 2x faster than at 16-byte alignment (``CHUNK_ALIGN``).
-PITCH_ALIGN = 128
 #: Tile (rows, classes) of the one kernel between the GEMMs on CUDA; a program owns whole
 #: rows (two passes over them). The interpreter takes smaller tiles.
 _GPU_TILE = (4, 1024)
@@ -50,7 +46,7 @@ _GPU_TILE = (4, 1024)
 def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int) -> int:
     """Device memory the fast strategy holds beyond the gradients, at ``rows`` per chunk."""
     rows = min(rows, N)
-    nbytes = rows * triton.cdiv(C, PITCH_ALIGN) * PITCH_ALIGN * _chunk_dtype(dtype).itemsize + 4 * N * D
+    nbytes = rows * triton.cdiv(C, 8) * 8 * _chunk_dtype(dtype).itemsize + 4 * N * D
     if rows < N and dtype != torch.float32:
         nbytes += 4 * (C - C // 2 // 8 * 8) * D
     return nbytes
@@ -136,7 +132,7 @@ def row_chunked_loss_grads(
         return lse, loss_rows, dx.to(x.dtype) if need_dx else None, None if dw is None else dw.zero_(), db, dscale
     rows = min(rows, N)
     whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
-    pitch = triton.cdiv(C, PITCH_ALIGN) * PITCH_ALIGN
+    pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
     direct = whole and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
     # every GEMM over classes [0, C8) and a tail of fewer than 8: cuBLAS runs its fast 16-bit
