@@ -460,7 +460,9 @@ def linear_cross_entropy(
             "fast" (default: ``set_memory_budget``'s, a sixteenth of the device's memory).
             A budget set by the user (here or by ``set_memory_budget``) also sizes the logit
             chunk of "lean" and "filtered": what it leaves beside their fp32 dX (wider chunks,
-            fewer launches; without one they hold a 64 MiB chunk).
+            fewer launches; without one they hold a 64 MiB chunk). Lean's training forward,
+            which runs before its backward allocates dW and the fp32 dX, adds their bytes to
+            its chunk: the call's peak stays the backward's.
 
     Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
     autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.
