@@ -113,14 +113,15 @@ def _forward_impl(
     ``(lse, lin, aux)``, lse and lin (N,) in the compute dtype; ``aux`` what the backend's
     forward hands its backward besides lse (filtered's per-class bound, ``_aux_size``), else
     empty. ``spare_bytes``: the bytes the backward will allocate for the gradients before its
-    chunks run (``_spare_bytes``), which lean's training forward adds to its logit chunk."""
+    chunks run (``_spare_bytes``), which lean's and filtered's training forwards add to their
+    logit chunks (filtered's after its first)."""
     aux = x.new_empty((0,), dtype=torch.float32)
     if x.shape[0] == 0:
         return _rows_like(x), _rows_like(x), aux
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
-    if need_grad and spare_bytes and backend == "class_chunked":
+    if need_grad and spare_bytes and backend in ("class_chunked", "filtered"):
         from fused_xent.kernels.class_chunked import CHUNK_BYTES
 
         forward = functools.partial(forward, chunk_bytes=(chunk_bytes or CHUNK_BYTES) + spare_bytes)
@@ -536,7 +537,7 @@ def linear_cross_entropy(
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
-        spare = _spare_bytes(x, w, needs) if backend.name == "class_chunked" else 0
+        spare = _spare_bytes(x, w, needs) if backend.name in ("class_chunked", "filtered") else 0
         args = _targets_args(rt), *_options_args(opts), backend.name, any(needs), spare
         if reduction != "none" and not return_lse and _eager_triton(backend) and x.dtype != torch.float64:
             return _EagerLinearXentReduced.apply(x, w, b, scale_t, *args, reduction)

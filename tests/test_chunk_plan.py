@@ -125,3 +125,53 @@ def test_margins_backward_logits_in_dw(chunks):
     assert chunks["dw"], chunks
     for a, b in zip(got, want, strict=True):
         assert rel_err(a, b) < 1e-5, rel_err(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filtered_bound_over_wider_chunks(dtype, chunks, monkeypatch):
+    """Filtered's training forward: its first chunk the buffer's (kept whole), the later ones
+    widened by the gradients' bytes (here one of 168 classes, then the tail of 4). The classes
+    it drops must still be below the threshold on every row, and the gradients those of
+    float64 with the dropped classes' dL/dz zeroed."""
+    from test_filtered import random_problem, reference_grads
+
+    eps = 2.0**-4  # far above the dtypes' resolution: a class wrongly dropped would show
+    monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(dtype).eps)
+    x, w, b, y, _ = random_problem(dtype, D=64)
+    s = torch.tensor(1.0)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w)]
+    loss = linear_cross_entropy(*leaves, y, linear_bias=b, scale=s, impl="filtered")
+    gx, gw = torch.autograd.grad(loss, leaves)
+    assert chunks["forward"] == [128, 168, 4]
+    dz, p_minus_t = reference_grads(x, w, b, y, s, "mean", 0.0)
+    dropped = (gw == 0).all(dim=1)
+    assert dropped.any() and not dropped.all()
+    assert not (dropped & ~(p_minus_t < eps).all(dim=0)).any()
+    dz_kept = dz * (~dropped).double()
+    bound = 2e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(gx, dz_kept @ w.double()) < bound
+    assert rel_err(gw, dz_kept.T @ x.double()) < bound
+
+
+def test_filtered_bound_is_its_definition_per_chunk():
+    """The per-class bound of filtered's forward, chunk by chunk over a narrow first chunk and
+    wider later ones: ``+inf`` on the first, then ``max_i (z_ij - lse_k,i) - min_i (lse_i -
+    lse_k,i)`` with ``lse_k`` the rows' lse over the classes before chunk k, from float64."""
+    from fused_xent.formulation import XentOptions, build_row_targets
+
+    N, D, C = 24, 16, 1003
+    x, w, _, y, _ = make_problem(N, D, C, torch.float32, seed=5)
+    opts = XentOptions(num_classes=C, chunk_bytes=128 * N * 4)  # a buffer of 128 fp32 columns
+    rt = build_row_targets(y, target2=None, lam=None, class_weight=None, ignore_index=-100, opts=opts)
+    lse, _, bound = class_chunked.class_chunked_forward_bounded(
+        x, w, None, torch.ones(1), rt, opts, chunk_bytes=300 * N * 4
+    )
+    starts = [0, 128, 384, 640, 896, 1000]  # the first chunk, four of 256 columns, the tail of 3
+    z = x.double() @ w.double().T
+    lse64 = torch.logsumexp(z, 1)
+    assert torch.allclose(lse.double(), lse64, rtol=0, atol=1e-5)
+    assert torch.isinf(bound[:128]).all()
+    for c0, c1 in zip(starts[1:], starts[2:] + [C], strict=True):
+        before = torch.logsumexp(z[:, :c0], 1)
+        want = (z[:, c0:c1] - before[:, None]).amax(0) - (lse64 - before).amin()
+        torch.testing.assert_close(bound[c0:c1].double(), want, rtol=0, atol=1e-4)

@@ -474,13 +474,19 @@ def _chunk_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _chunk(x: torch.Tensor, C: int, nbytes: int | None = None, balanced: bool = False):
     """The logit-chunk buffer (N, Cc) within ``nbytes`` (default ``CHUNK_BYTES``), Cc a
-    multiple of 128 (or C); ``balanced``: the fewest chunks of that width, made as equal as
-    multiples of ``CHUNK_ALIGN`` allow, so that the last one is not a sliver."""
+    multiple of 128 (or C); ``balanced``: Cc from ``_balanced_cols``."""
+    cols = _balanced_cols(x, C, nbytes) if balanced else _chunk_cols(x, C, nbytes)
+    return torch.empty((x.shape[0], cols), device=x.device, dtype=_chunk_dtype(x.dtype))
+
+
+def _balanced_cols(x: torch.Tensor, C: int, nbytes: int | None) -> int:
+    """``_chunk_cols``'s width made as equal over the fewest chunks of C classes as multiples
+    of ``CHUNK_ALIGN`` allow, so that the last chunk is not a sliver."""
     cols = _chunk_cols(x, C, nbytes)
-    if balanced and cols < C:
+    if cols < C:
         aligned = C - C % 8
         cols = min(cols, triton.cdiv(triton.cdiv(aligned, triton.cdiv(aligned, cols)), CHUNK_ALIGN) * CHUNK_ALIGN)
-    return torch.empty((x.shape[0], cols), device=x.device, dtype=_chunk_dtype(x.dtype))
+    return cols
 
 
 def _chunk_cols(x: torch.Tensor, C: int, nbytes: int | None = None) -> int:
@@ -548,7 +554,7 @@ def class_chunked_forward(x, w, b, scale, rt, opts, need_lin: bool = True, chunk
     return lse, lin
 
 
-def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
+def class_chunked_forward_bounded(x, w, b, scale, rt, opts, chunk_bytes: int | None = None):
     """The filtered backend's forward: ``(lse, lin, log_p_max)``, the last an upper bound
     per class on ``log p_ij`` over every row, from which the filtered backward skips
     classes without recomputing their logits (empty for dense targets: no bound is needed
@@ -556,8 +562,10 @@ def class_chunked_forward_bounded(x, w, b, scale, rt, opts):
 
     Chunk ``k``'s classes get ``max_i (z_ij - lse_k,i) - min_i (lse_i - lse_k,i)`` with
     ``lse_k,i`` row i's lse over the chunks before k: since ``lse_i >= lse_k,i`` the bound
-    holds for every row. The first chunk has nothing before it: ``+inf``, always kept."""
-    lse, lin, bound = _forward(x, w, b, scale, rt, opts, True, None, bound=rt.dense is None)
+    holds for every row. The first chunk has nothing before it: ``+inf``, always kept. The
+    first chunk is ``opts.chunk_bytes``' (the backward's buffer); ``chunk_bytes`` (the training
+    forward's, with the gradients' bytes: ``functional._spare_bytes``) sizes the later ones."""
+    lse, lin, bound = _forward(x, w, b, scale, rt, opts, True, chunk_bytes, bound=rt.dense is None)
     return lse, lin, bound if bound is not None else torch.empty(0, device=x.device)
 
 
@@ -566,9 +574,15 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
     if N == 0 or C == 0:  # no chunk: the lse of no class is -inf
         return torch.full((N,), float("-inf"), device=x.device), torch.zeros(N, device=x.device), None
     lse, s, lin = (torch.empty(N, device=x.device) for _ in range(3))  # the first chunk starts them
-    buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes, balanced=not bound)  # the bound's chunks: fixed widths
-    cc = buf.shape[1]
-    ranges = _chunk_ranges(C, cc)
+    if bound:  # the first chunk, kept whole (nothing before it bounds it), is the buffer's; the rest may be wider
+        first = _chunk_cols(x, C, opts.chunk_bytes)
+        f = _chunk_ranges(C, first)[0][1]
+        wide = max(first, _balanced_cols(x, C - f, chunk_bytes)) if chunk_bytes and C - f > first else first
+        ranges = [(0, f)] + [(f + c0, f + c1) for c0, c1 in _chunk_ranges(C - f, wide)]
+        buf = torch.empty((N, wide), device=x.device, dtype=_chunk_dtype(x.dtype))
+    else:
+        buf = _chunk(x, C, chunk_bytes or opts.chunk_bytes, balanced=True)
+        ranges = _chunk_ranges(C, buf.shape[1])
     pointers, t_strides, flags = _kernel_args(b, rt, opts, col_scale)
     stats_tile = dict(STATS_TILE)
     n_row_blocks = triton.cdiv(N, stats_tile["BLOCK_N"])
@@ -579,20 +593,21 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
         lse_before = torch.empty((len(ranges), N), device=x.device)
-        if rows_per_program is None:  # a few waves of programs over the column blocks
-            splits = max(1, min(triton.cdiv(N, tile_n), target_programs(x.device) // triton.cdiv(cc, tile_c)))
-            rows_per_program = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
     for k, (c0, c1) in enumerate(ranges):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         col_max_now = bound and k > 0  # the first chunk's bound is +inf
         n_col_blocks = triton.cdiv(c1 - c0, tile_c)
-        grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, rows_per_program) if col_max_now else 0)
+        row_span = rows_per_program
+        if col_max_now and row_span is None:  # a few waves of programs over the column blocks
+            splits = max(1, min(triton.cdiv(N, tile_n), target_programs(x.device) // n_col_blocks))
+            row_span = triton.cdiv(triton.cdiv(N, splits), tile_n) * tile_n
+        grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, row_span) if col_max_now else 0)
         chunk_stats_kernel[(grid,)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, lse, s, lin,
             lse_before[k + 1] if bound and k + 1 < len(ranges) else lse, lse_before[k] if col_max_now else lse,
             col_max if bound else lse, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
-            rows_per_program or 0, NEED_LIN=need_lin, HAS_SMOOTHING=opts.label_smoothing != 0,
+            row_span or 0, NEED_LIN=need_lin, HAS_SMOOTHING=opts.label_smoothing != 0,
             STORE_LSE=bound and k + 1 < len(ranges), COL_MAX=col_max_now, FIRST=k == 0, LAST=k + 1 == len(ranges),
             **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
@@ -600,7 +615,9 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
         return lse, lin, None
     lse_before[0] = lse  # the first chunk's bound stays +inf; a NaN row makes every bound NaN: kept
     gain = (lse - lse_before).amin(1)
-    chunk_of = torch.arange(C, device=x.device) // cc
+    first, wide = ranges[0][1], buf.shape[1]  # chunk k > 0 starts at first + (k - 1) wide
+    classes = torch.arange(C, device=x.device)
+    chunk_of = torch.where(classes < first, 0, 1 + (classes - first) // wide)
     if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
         chunk_of[C - C % 8 :] = len(ranges) - 1
     return lse, lin, col_max - gain[chunk_of]
