@@ -62,8 +62,8 @@ CHUNK_BYTES = 64 * 2**20
 MIN_CHUNK_COLS = 4096
 
 
-#: The multiple of the widths of lean's wider chunks (the training forward's, the backward's in
-#: dW's rows): a chunk's rows lie its width apart. On the H100 at 1M classes, wider chunks at
+#: The multiple of the widths of the wider chunks (lean's and filtered's training forwards, lean's
+#: backward in dW's rows): a chunk's rows lie its width apart. On the H100 at 1M classes, wider chunks at
 #: multiples of 8 (rows 16-byte aligned) took the stats kernel 4.6 -> 8.2-8.4 ms per step and the
 #: one-pass recompute 12.5 -> 14.2-25.6 (the wider, the slower); at multiples of 128 (256-byte
 #: aligned) 4.0 and 12.6 (``benchmarks/probe_chunk_plan.py``, session 13).
@@ -897,7 +897,7 @@ def _dw_tail(dw: torch.Tensor, c1: int, N: int, width: int, dtype: torch.dtype) 
     """An (N, width) logit chunk over the bytes of dW's rows from ``c1`` on, which no GEMM has
     written yet: the chunks after run in stream order, each writing its rows after the chunk
     before has read its logits (``_dw_ranges`` keeps the bytes within those rows)."""
-    nbytes = N * width * torch.empty((), dtype=dtype).element_size()
+    nbytes = N * width * dtype.itemsize
     return dw.view(-1)[c1 * dw.shape[1] :].view(torch.uint8)[:nbytes].view(dtype).view(N, width)
 
 
