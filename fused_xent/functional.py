@@ -122,18 +122,19 @@ def _forward_impl(
     chosen = _BACKENDS[backend]()
     forward = chosen.forward if need_grad or chosen.forward_only is None else chosen.forward_only
     if need_grad and spare_bytes and backend in ("class_chunked", "filtered"):
-        from fused_xent.kernels.class_chunked import CHUNK_BYTES
+        from fused_xent.kernels.class_chunked import forward_chunk_bytes
 
-        forward = functools.partial(forward, chunk_bytes=(chunk_bytes or CHUNK_BYTES) + spare_bytes)
+        forward = functools.partial(forward, chunk_bytes=forward_chunk_bytes(chunk_bytes, spare_bytes))
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
         lse, lin, *rest = forward(x, w, b, scale, rt, opts)
     return lse, lin, rest[0] if rest else aux
 
 
 def _spare_bytes(x: torch.Tensor, w: torch.Tensor, needs: list[bool]) -> int:
-    """The bytes lean's backward allocates before its chunks run: dW (in w's dtype) and the
-    fp32 dX accumulator, for the gradients ``needs`` (x, w, b, scale) asks. Its forward comes
-    before them and may hold them as logits: fewer, wider chunks, the call's peak unchanged."""
+    """The bytes lean's and filtered's backwards allocate before their chunks run: dW (in w's
+    dtype) and the fp32 dX accumulator, for the gradients ``needs`` (x, w, b, scale) asks. The
+    forward comes before them and may hold them as logits: fewer, wider chunks, the call's peak
+    unchanged."""
     need_x, need_w, _, need_s = needs
     return (w.numel() * w.element_size() if need_w else 0) + (4 * x.numel() if need_x or need_s else 0)
 
@@ -461,9 +462,9 @@ def linear_cross_entropy(
             "fast" (default: ``set_memory_budget``'s, a sixteenth of the device's memory).
             A budget set by the user (here or by ``set_memory_budget``) also sizes the logit
             chunk of "lean" and "filtered": what it leaves beside their fp32 dX (wider chunks,
-            fewer launches; without one they hold a 64 MiB chunk). Lean's training forward,
-            which runs before its backward allocates dW and the fp32 dX, adds their bytes to
-            its chunk: the call's peak stays the backward's.
+            fewer launches; without one they hold a 64 MiB chunk). Their training forwards,
+            which run before the backward allocates dW and the fp32 dX, add those bytes to
+            their chunks (filtered's after its first): the call's peak stays the backward's.
 
     Under ``torch.autocast`` ``input``, ``linear_weight`` and ``linear_bias`` are cast to the
     autocast dtype (as ``F.linear``'s operands are); the accumulation and the loss stay fp32.

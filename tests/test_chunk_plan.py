@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_filtered import random_problem, reference_grads
 from test_functional import check, make_problem
 from test_margins import loss_and_grads, problem, reference
 from torch_reference import rel_err
 
 from fused_xent import linear_cross_entropy
+from fused_xent.formulation import XentOptions, build_row_targets
 from fused_xent.integrations.margins import margin_cross_entropy
 from fused_xent.kernels import class_chunked
 
@@ -133,8 +135,6 @@ def test_filtered_bound_over_wider_chunks(dtype, chunks, monkeypatch):
     widened by the gradients' bytes (here one of 168 classes, then the tail of 4). The classes
     it drops must still be below the threshold on every row, and the gradients those of
     float64 with the dropped classes' dL/dz zeroed."""
-    from test_filtered import random_problem, reference_grads
-
     eps = 2.0**-4  # far above the dtypes' resolution: a class wrongly dropped would show
     monkeypatch.setattr(class_chunked, "FILTER_EPS_FACTOR", eps / torch.finfo(dtype).eps)
     x, w, b, y, _ = random_problem(dtype, D=64)
@@ -157,8 +157,6 @@ def test_filtered_bound_is_its_definition_per_chunk():
     """The per-class bound of filtered's forward, chunk by chunk over a narrow first chunk and
     wider later ones: ``+inf`` on the first, then ``max_i (z_ij - lse_k,i) - min_i (lse_i -
     lse_k,i)`` with ``lse_k`` the rows' lse over the classes before chunk k, from float64."""
-    from fused_xent.formulation import XentOptions, build_row_targets
-
     N, D, C = 24, 16, 1003
     x, w, _, y, _ = make_problem(N, D, C, torch.float32, seed=5)
     opts = XentOptions(num_classes=C, chunk_bytes=128 * N * 4)  # a buffer of 128 fp32 columns

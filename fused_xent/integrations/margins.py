@@ -132,7 +132,7 @@ class _CosineRest(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xn, w, idx, excluded, s, chunk_bytes, spare_bytes):
-        from fused_xent.kernels.class_chunked import CHUNK_BYTES, class_chunked_forward
+        from fused_xent.kernels.class_chunked import class_chunked_forward, forward_chunk_bytes
 
         C = w.shape[0]
         norm = torch.linalg.vector_norm(w, dim=1, dtype=torch.float32).clamp_min(1e-12)
@@ -142,7 +142,7 @@ class _CosineRest(torch.autograd.Function):
             torch.zeros(xn.shape[0], device=xn.device, dtype=torch.long),
             target2=None, lam=None, class_weight=None, ignore_index=None, opts=opts,
         )  # fmt: skip
-        chunk = (chunk_bytes or CHUNK_BYTES) + spare_bytes if spare_bytes else None  # the gradients' bytes
+        chunk = forward_chunk_bytes(chunk_bytes, spare_bytes)
         lse, _ = class_chunked_forward(xn, w, bias, scale, rt, opts, need_lin=False, chunk_bytes=chunk, w_norm=norm)
         ctx.save_for_backward(xn, w, idx, bias, scale, norm, lse)
         ctx.rt, ctx.opts = rt, opts

@@ -483,10 +483,20 @@ def _balanced_cols(x: torch.Tensor, C: int, nbytes: int | None) -> int:
     """``_chunk_cols``'s width made as equal over the fewest chunks of C classes as multiples
     of ``CHUNK_ALIGN`` allow, so that the last chunk is not a sliver."""
     cols = _chunk_cols(x, C, nbytes)
-    if cols < C:
-        aligned = C - C % 8
-        cols = min(cols, triton.cdiv(triton.cdiv(aligned, triton.cdiv(aligned, cols)), CHUNK_ALIGN) * CHUNK_ALIGN)
-    return cols
+    return _equal_width(C - C % 8, cols, CHUNK_ALIGN) if cols < C else cols
+
+
+def _equal_width(total: int, most: int, align: int) -> int:
+    """The width of the fewest chunks of at most ``most`` classes over ``total`` (a multiple
+    of 8), as equal as multiples of ``align`` allow (``most`` itself a multiple of it)."""
+    return min(most, triton.cdiv(triton.cdiv(total, triton.cdiv(total, most)), align) * align)
+
+
+def forward_chunk_bytes(chunk_bytes: int | None, spare_bytes: int) -> int | None:
+    """A training forward's chunk: the buffer's bytes (``chunk_bytes``, default
+    ``CHUNK_BYTES``) plus ``spare_bytes``, those of the gradients its backward allocates later
+    (``functional._spare_bytes``); None (the buffer's) without any."""
+    return (chunk_bytes or CHUNK_BYTES) + spare_bytes if spare_bytes else None
 
 
 def _chunk_cols(x: torch.Tensor, C: int, nbytes: int | None = None) -> int:
@@ -701,8 +711,9 @@ _EXP_MARGIN = tl.constexpr(1.0 + 2.0**-16)
 @triton.jit
 def kept_counts_kernel(LogPMax, Keep, TMax, Counts, cc, aligned, C, eps, HAS_T_MAX: tl.constexpr,
                        BLOCK: tl.constexpr):  # fmt: skip
-    """Program k takes the classes of forward chunk k (``_chunk_ranges``: ``[k cc, min((k + 1)
-    cc, aligned))``, the one past them the tail ``[aligned, C)``). ``Keep`` (bool) arrives
+    """Program k takes the classes of chunk k of the bounded backward's partition
+    (``_chunk_ranges``: ``[k cc, min((k + 1) cc, aligned))``, the one past them the tail
+    ``[aligned, C)``; the forward's chunks may be wider). ``Keep`` (bool) arrives
     with the labels set and leaves with every class kept whose bound does not rule it out
     (``_kept_classes``); ``Counts[k]`` receives the chunk's kept count. A program owns its chunk
     and sums in a fixed order: no atomics, deterministic."""
@@ -729,7 +740,7 @@ def kept_counts_kernel(LogPMax, Keep, TMax, Counts, cc, aligned, C, eps, HAS_T_M
 
 def _kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool, cc: int) -> tuple[torch.Tensor, list[int]]:
     """``(keep, counts)``: (C,) bool, the classes the bounded filter keeps, and their count in
-    each of the forward's chunks (``_chunk_ranges(C, cc)``) on the host (one sync).
+    each chunk of the backward's partition (``_chunk_ranges(C, cc)``) on the host (one sync).
 
     ``|dU_ij| = |cp_i| |p_ij - t_ij|`` (the kernels' ``tt / cp`` is the target ``t``; see
     FILTER_EPS_FACTOR) stays below ``eps |cp_i|`` when ``p_ij + t_ij < eps``. Outside the
@@ -763,8 +774,10 @@ def _kept_classes(log_p_max, cp, rt_g, eps, smoothing: bool, cc: int) -> tuple[t
 def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log_p_max, eps):
     """The filtered backward over the kept classes only: the recompute, dW and dX GEMMs all
     shrink to the kept fraction (no db: the caller falls back to ``_backward`` when the bias
-    needs a gradient). A forward chunk with more than ``FILTER_DENSE_FRACTION`` of its
-    classes kept runs whole; the kept classes of the others are gathered into dense chunks.
+    needs a gradient). It partitions the classes in chunks of the buffer's width (the
+    forward's first chunk, kept whole, is the first of them; its later ones may be wider): a
+    chunk with more than ``FILTER_DENSE_FRACTION`` of its classes kept runs whole; the kept
+    classes of the others are gathered into dense chunks.
     One host sync: the kept count per chunk (the gathered classes' indices then come from
     ``nonzero_static`` at the known count; ``nonzero`` was a second sync). Every kept class gets
     the exact gradient."""
@@ -772,7 +785,7 @@ def _backward_bounded(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, log
     C = w.shape[0]
     dw_scale = None if opts.unit_scale else scale
     cc = _chunk_cols(x, C, opts.chunk_bytes)
-    ranges = _chunk_ranges(C, cc)  # the forward's chunks
+    ranges = _chunk_ranges(C, cc)
     keep, counts = _kept_classes(log_p_max, cp, rt_g, eps, opts.label_smoothing != 0, cc)
     whole, gathered = [], 0
     for (c0, c1), k in zip(ranges, counts, strict=True):
@@ -884,8 +897,7 @@ def _dw_ranges(C: int, cc: int, logit_bytes: int, dw_bytes: int) -> list[tuple[i
     while c0 < aligned:
         wide = (C - c0) * dw_bytes // (logit_bytes + dw_bytes) // CHUNK_ALIGN * CHUNK_ALIGN
         if wide <= cc:
-            rest = aligned - c0
-            step = min(cc, triton.cdiv(triton.cdiv(rest, triton.cdiv(rest, cc)), 8) * 8)
+            step = _equal_width(aligned - c0, cc, 8)
             ranges += [(a, min(a + step, aligned)) for a in range(c0, aligned, step)]
             break
         ranges.append((c0, min(aligned, c0 + wide)))
