@@ -33,21 +33,23 @@ def variant(name: str) -> None:
     class_chunked.CHUNK_ALIGN = 8 if name == "new8" else ALIGN
 
 
-def kernels(step, label: str) -> None:
-    for _ in range(5):
+def kernels(step, label: str, warmup: int = 5, steps: int = 3, top: int = 7) -> None:
+    """GPU time per step of each kernel over ``steps`` profiled steps (the ``top`` largest), then
+    their sum; also ``prof_lean_step.py``'s."""
+    for _ in range(warmup):
         step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
+        for _ in range(steps):
             step()
         torch.cuda.synchronize()
     tot, cnt = collections.defaultdict(float), collections.Counter()
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            tot[e.name[:70]] += e.device_time_total / 1e3 / 3
+            tot[e.name[:70]] += e.device_time_total / 1e3 / steps
             cnt[e.name[:70]] += 1
-    for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:7]:
-        print(f"  {v:8.2f} ms/step {cnt[k] // 3:5d}/step  {k}")
+    for k, v in sorted(tot.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"  {v:8.2f} ms/step {cnt[k] // steps:5d}/step  {k}")
     print(f"  {sum(tot.values()):8.2f} ms/step of kernels ({label})")
 
 

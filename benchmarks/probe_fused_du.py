@@ -28,7 +28,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from fused_xent import bench
 from fused_xent.formulation import XentOptions, build_row_targets
 from fused_xent.kernels import class_chunked, config
-from fused_xent.kernels.tiles import raw_tile_tma
+from fused_xent.kernels.tiles import grouped_tile, raw_tile_tma
 
 #: (BLOCK_N, BLOCK_C, BLOCK_D, num_warps, num_stages, GROUP_M, STORE_TMA)
 SWEEP = [(128, 256, 64, 8, 3, 8, False), (128, 256, 64, 8, 3, 8, True), (128, 128, 64, 4, 4, 8, True),
@@ -49,13 +49,7 @@ def fused_du_kernel(
 ):  # fmt: skip
     """One (BLOCK_N x BLOCK_C) tile of the chunk's dU (classes ``c0 + [0, width)``), GROUP_M row
     tiles walked together so their W tile stays in L2."""
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tl.cdiv(width, BLOCK_C)
-    first_m = pid // per_group * GROUP_M
-    group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    r0 = (first_m + pid % per_group % group_rows) * BLOCK_N
-    local_c0 = (pid % per_group // group_rows) * BLOCK_C
+    r0, local_c0 = grouped_tile(tl.program_id(0), N, width, GROUP_M, BLOCK_N, BLOCK_C)
     rows = r0 + tl.arange(0, BLOCK_N)
     local = local_c0 + tl.arange(0, BLOCK_C)
     row_mask = rows < N
