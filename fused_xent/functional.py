@@ -19,7 +19,7 @@ import torch
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
 from fused_xent.kernels.row_loss import loss_grad_coefs, reduced_loss
-from fused_xent.kernels.scaling import scale_
+from fused_xent.kernels.scaling import scale_all_
 from fused_xent.kernels.targets import row_targets
 
 IMPLS = ("auto", "lean", "fast", "filtered", "triton", "chunked", "reference")
@@ -314,7 +314,7 @@ def _fast_impl(
 
     rt, opts = RowTargets(*targets), XentOptions(num_classes, label_smoothing, z_loss, softcap, chunk_bytes, unit_scale)
     denominator = rt.row_weight.sum() if reduction == "mean" else None
-    g = (1.0 / denominator if reduction == "mean" else torch.ones((), device=x.device)).reshape(1)
+    g = torch.reciprocal(denominator.reshape(1)) if reduction == "mean" else torch.ones(1, device=x.device)
     with torch.autocast(x.device.type, enabled=False):
         lse, row_losses, dx, dw, db, dscale = row_chunked_loss_grads(
             x, w, b, scale, rt, opts, g, rows, need_dx, need_dw, need_db, need_ds
@@ -371,7 +371,8 @@ class _EagerFast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _):
-        grads = tuple(scale_(g, g_loss) if g.numel() else None for g in ctx.grads)
+        grads = tuple(g if g.numel() else None for g in ctx.grads)
+        scale_all_([g for g in grads if g is not None], g_loss)
         ctx.grads = None
         return *grads, *[None] * 13
 

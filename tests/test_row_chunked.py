@@ -162,6 +162,20 @@ def test_dx_straight_from_its_gemm():
     check("fast", torch.float16, 64, 33, 128, bias=True, label_smoothing=0.1, ignore=3)
 
 
+@pytest.mark.parametrize("chunks", ["one", "several"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_dx_from_its_gemms_with_a_class_tail(request, chunks, dtype):
+    """C = 8k + 3, no scale: dX from the tail's GEMM and the rest added to it in one more
+    (``_final_dx``), in the input dtype, in one chunk of rows and in several; some rows are
+    labelled with a tail class (there the tail's product is of dX's size)."""
+    if chunks == "several":
+        request.getfixturevalue("small_chunks")
+    N, D, C = 96, 33, 131
+    y = make_problem(N, D, C, dtype, bias=True)[3]
+    assert (y >= C - C % 8).sum() >= 2  # check draws the same labels
+    check("fast", dtype, N, D, C, bias=True, label_smoothing=0.1)
+
+
 def test_auto_takes_fast_only_where_it_fits_and_pays(monkeypatch):
     """Auto on CUDA-like tensors: fast when a chunk of at least MIN_FAST_ROWS rows fits in
     the budget and the loss is reduced, lean otherwise (a CPU tensor stands in: _fast_rows

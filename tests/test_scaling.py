@@ -7,7 +7,7 @@ from test_functional import make_problem
 from torch_reference import rel_err, torch_linear_xent
 
 from fused_xent import linear_cross_entropy
-from fused_xent.kernels.scaling import _BLOCK, scale_
+from fused_xent.kernels.scaling import _BLOCK, scale_, scale_all_
 
 #: CUDA where there is one (no interpreter there), else the CPU under the interpreter.
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,6 +47,21 @@ def test_scale_falls_back_to_mul(case):
     want = t.clone() * 1.75
     scale_(t, torch.tensor(1.75, dtype=torch.float64, device=DEVICE))
     torch.testing.assert_close(t, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("g", [2.0, 1.0])
+def test_scale_all_takes_four_to_a_launch(g):
+    """Six tensors of four dtypes and sizes (two launches of four slots, the second with two
+    unused), the fp64 one through ``mul_``: each becomes exactly ``g`` times itself (a power
+    of two: the product is exact in every dtype)."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = ((torch.bfloat16, N), (torch.float32, 3), (torch.float16, 2 * _BLOCK), (torch.float32, N - 5),
+              (torch.bfloat16, 1), (torch.float64, 70))  # fmt: skip
+    ts = [(torch.randn(n, generator=gen) * 3).to(dt).to(DEVICE) for dt, n in shapes]
+    want = [(t.double() * g).to(t.dtype) for t in ts]
+    scale_all_(ts, torch.tensor([g], device=DEVICE))
+    for got, w in zip(ts, want, strict=True):
+        assert torch.equal(got, w)
 
 
 def test_scale_names_a_bad_g():

@@ -112,26 +112,31 @@ def row_chunked_loss_grads(
     """``(lse, loss_rows, dx, dw, db, dscale)`` for the upstream gradient ``g`` (1-element:
     the mean's 1 / denominator or the sum's 1) on every kept row's loss: ``lse`` and
     ``loss_rows`` (formulation's row_loss) fp32, ``dx`` and ``dw`` in their inputs' dtypes,
-    ``db`` and ``dscale`` fp32; None for a gradient not needed. ``opts.unit_scale``: the scale
-    is known to be 1 (dX and dW straight from their GEMMs where nothing else needs them raw)."""
+    ``db`` in b's with one chunk of rows (fp32 with several), ``dscale`` fp32; None for a
+    gradient not needed. ``opts.unit_scale``: the scale is known to be 1 (dX and dW straight
+    from their GEMMs where nothing else needs them raw)."""
     N, D = x.shape
     scale_is_one = opts.unit_scale
     C = w.shape[0]
     dev = x.device
     lse = torch.empty(N, device=dev)
     loss_rows = torch.empty(N, device=dev)
-    # dX straight from one GEMM in x's dtype (rounded once, as torch's own) unless the scale
-    # or its gradient needs dX_raw, or a tail of classes needs a second, accumulating GEMM
-    dx_final = scale_is_one and not need_ds and C % 8 == 0
+    # dX straight from its GEMMs in x's dtype (``_final_dx``) unless the scale or its gradient
+    # needs dX_raw in fp32
+    dx_final = scale_is_one and not need_ds
     need_raw = need_dx or need_ds
     dx = torch.empty((N, D), device=dev, dtype=x.dtype if dx_final else torch.float32) if need_raw else None
     dw = torch.empty_like(w) if need_dw else None
-    db = torch.zeros(C, device=dev) if need_db else None
-    if N == 0:
-        dscale = torch.zeros(1, device=dev) if need_ds else None
-        return lse, loss_rows, dx.to(x.dtype) if need_dx else None, None if dw is None else dw.zero_(), db, dscale
     rows = min(rows, N)
     whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
+    # db in b's dtype (= x's, = dU's) straight from one column sum (fp32 inside, rounded once)
+    # with one chunk; summed in fp32 over several
+    db_direct = need_db and whole
+    db = None if db_direct or not need_db else torch.zeros(C, device=dev)
+    if N == 0:
+        dscale = torch.zeros(1, device=dev) if need_ds else None
+        db = torch.zeros(C, device=dev) if need_db else None
+        return lse, loss_rows, dx.to(x.dtype) if need_dx else None, None if dw is None else dw.zero_(), db, dscale
     pitch = triton.cdiv(C, 8) * 8  # rows of R 16-byte aligned: cuBLAS is slow on odd bf16 strides
     buf = torch.empty((rows, pitch), device=dev, dtype=_chunk_dtype(x.dtype))[:, :C]
     direct = whole and scale_is_one and w.dtype != torch.float32  # one rounding, straight into dW
@@ -166,12 +171,14 @@ def row_chunked_loss_grads(
             COMPUTE_DB=False, FILTER=False, WITH_STATS=True, GATHERED=False, HAS_SMOOTHING=opts.label_smoothing != 0,
             **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=8,
         )  # fmt: skip
-        if need_db:
+        if db_direct:
+            db = du.sum(0)
+        elif need_db:
             db += du.sum(0, dtype=torch.float32)
         if need_raw:
             dx_c = dx if whole else dx[r0:r1]
             if dx_final:
-                torch.mm(du, w, out=dx_c)
+                _final_dx(dx_c, du, w, spans)
             else:
                 for c0, c1 in spans:
                     _accumulate(dx_c, du[:, c0:c1], w[c0:c1], first_chunk=c0 == 0)
@@ -192,6 +199,20 @@ def row_chunked_loss_grads(
     if need_dx and not dx_final:
         dx = dx.mul_(scale).to(x.dtype)  # in place: no second fp32 N x D buffer
     return lse, loss_rows, dx if need_dx else None, dw, db, dscale
+
+
+def _final_dx(dx: torch.Tensor, du: torch.Tensor, w: torch.Tensor, spans: list[tuple[int, int]]) -> None:
+    """``dx = du @ w`` in dx's dtype over the class ``spans`` (all classes, or a multiple of 8
+    and a tail of fewer than 8, see ``_chunk_ranges``): the tail's few classes first, then the
+    rest added to them inside one GEMM (fp32 accumulation, beta = 1) and rounded once. Only the
+    tail's own product is rounded before the sum: it matters on the rows labelled with a tail
+    class, where it is of dx's size (an extra rounding of up to 2**-9 there, in bf16)."""
+    if len(spans) == 1:
+        torch.mm(du, w, out=dx)
+        return
+    (c0, c1), (t0, t1) = spans
+    torch.mm(du[:, t0:t1], w[t0:t1], out=dx)
+    dx.addmm_(du[:, c0:c1], w[c0:c1])
 
 
 def _cut(lo: int, hi: int, at: int) -> list[tuple[int, int]]:
