@@ -532,7 +532,7 @@ def linear_cross_entropy(
         chunk_bytes = _lean_chunk_bytes(memory_budget, x, scale is None, b is not None and b.requires_grad)
         opts = dataclasses.replace(opts, chunk_bytes=chunk_bytes)
     needs = [torch.is_grad_enabled() and p is not None and p.requires_grad for p in (x, w, b, scale_t)]
-    fast_rows = _fast_rows(impl, backend, x, w, reduction, return_lse, any(needs), memory_budget)
+    fast_rows = _fast_rows(impl, backend, x, w, reduction, return_lse, any(needs), memory_budget, scale is None)
     if fast_rows is not None:
         loss, lse = _fast_loss(x, w, b, scale_t, _targets_args(rt), *_options_args(opts), reduction, fast_rows, *needs)
         return loss
@@ -626,9 +626,10 @@ def _lean_chunk_bytes(memory_budget: int | None, x: torch.Tensor, unit_scale: bo
 _DEVICE_MEMORY: dict[int, int] = {}
 
 
-def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_budget) -> int | None:
+def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_budget, unit_scale=True) -> int | None:
     """Rows per chunk when this call takes the fast strategy, None when it does not. "auto"
-    takes it when its workspace fits in the memory budget, "fast" whenever it can."""
+    takes it when its workspace fits in the memory budget, "fast" whenever it can.
+    ``unit_scale``: no scale, so dX leaves its GEMMs in x's dtype (no fp32 dX to hold)."""
     if impl not in ("auto", "fast") or backend is None or backend.name != "class_chunked" or not need_grad:
         return None
     if reduction == "none" or return_lse:
@@ -641,7 +642,7 @@ def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_bud
     from fused_xent.kernels.row_chunked import MIN_FAST_ROWS, fast_chunk_rows
 
     (N, D), C = x.shape, w.shape[0]
-    rows = fast_chunk_rows(N, C, D, x.dtype, _budget(memory_budget, x.device))
+    rows = fast_chunk_rows(N, C, D, x.dtype, _budget(memory_budget, x.device), raw_dx=not unit_scale)
     if rows is None and impl == "fast":
         return min(N, MIN_FAST_ROWS)
     return rows

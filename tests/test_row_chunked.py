@@ -109,15 +109,31 @@ def test_memory_budget_is_checked():
             linear_cross_entropy(x, w, y, memory_budget=bad)
 
 
-def test_chunk_rows_fit_the_budget():
-    N, C, D = 8192, 256000, 2304
-    whole = row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, N)
-    assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, whole) == N
-    budget = 3 * 2**30
-    rows = row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, budget)
+@pytest.mark.parametrize("raw_dx", [True, False])
+@pytest.mark.parametrize("N,C,D,budget", [(8192, 256000, 2304, 3 * 2**30), (8192, 128256, 4096, 1558183936),
+                                          (8192, 256000, 2304, 1953497088), (5000, 50000, 1024, 2**28)])  # fmt: skip
+def test_chunk_rows_fit_the_budget(N, C, D, budget, raw_dx):
+    """The fewest chunks that fit (the largest multiple of 128 rows that fits sets their count),
+    as equal as multiples of 128 allow; SPEC's fast budgets at Gemma 2 and Llama 3 among them.
+    Without ``raw_dx`` (no scale: no fp32 dX) the same budget holds at least as many rows."""
+
+    def ws(rows, raw=raw_dx):
+        return row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, rows, raw)
+
+    assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, ws(N), raw_dx) == N
+    rows = row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, budget, raw_dx)
     assert rows % 128 == 0 and rows >= row_chunked.MIN_FAST_ROWS
-    assert row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, rows) <= budget
-    assert row_chunked.fast_workspace_bytes(N, C, D, torch.bfloat16, rows + 128) > budget
+    assert ws(rows) <= budget
+    widest = max(r for r in range(128, N, 128) if ws(r) <= budget)
+    assert -(-N // rows) == -(-N // widest)  # as few chunks as the widest that fits
+    assert rows - 128 < row_chunked.MIN_FAST_ROWS or -(-N // (rows - 128)) > -(-N // widest)  # and no wider than needed
+    assert ws(rows, raw=True) - ws(rows, raw=False) == 4 * N * D  # the fp32 dX, held only with a scale
+    if raw_dx:
+        assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, budget, raw_dx=False) >= rows
+
+
+def test_no_chunk_fits_a_small_budget():
+    N, C, D = 8192, 256000, 2304
     assert row_chunked.fast_chunk_rows(N, C, D, torch.bfloat16, 2**30) is None  # the fp32 half alone is 1.1 GiB
 
 

@@ -43,24 +43,33 @@ MIN_FAST_ROWS = 1024
 _GPU_TILE = (4, 1024)
 
 
-def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int) -> int:
-    """Device memory the fast strategy holds beyond the gradients, at ``rows`` per chunk."""
+def fast_workspace_bytes(N: int, C: int, D: int, dtype: torch.dtype, rows: int, raw_dx: bool = True) -> int:
+    """Device memory the fast strategy holds beyond the gradients, at ``rows`` per chunk:
+    the chunk of logits, the split accumulator's extra half with several chunks, and with
+    ``raw_dx`` (a scale other than the unit one: dX_raw in fp32) that fp32 dX for 16-bit input."""
     rows = min(rows, N)
-    nbytes = rows * triton.cdiv(C, 8) * 8 * _chunk_dtype(dtype).itemsize + 4 * N * D
+    nbytes = rows * triton.cdiv(C, 8) * 8 * _chunk_dtype(dtype).itemsize
+    if raw_dx and dtype != torch.float32:
+        nbytes += 4 * N * D
     if rows < N and dtype != torch.float32:
         nbytes += 4 * (C - C // 2 // 8 * 8) * D
     return nbytes
 
 
-def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int) -> int | None:
-    """The most rows per chunk (all of them, or a multiple of 128 of at least
-    ``MIN_FAST_ROWS``) whose workspace fits in ``budget`` bytes; None when none does."""
-    if fast_workspace_bytes(N, C, D, dtype, N) <= budget:
+def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int, raw_dx: bool = True) -> int | None:
+    """Rows per chunk: all of them when their workspace fits in ``budget`` bytes, else the
+    fewest chunks whose rows (a multiple of 128, at least ``MIN_FAST_ROWS``) fit, as equal as
+    multiples of 128 allow; None when no such chunk fits."""
+    if fast_workspace_bytes(N, C, D, dtype, N, raw_dx) <= budget:
         return N
-    fixed = fast_workspace_bytes(N, C, D, dtype, 0)
-    per_row = fast_workspace_bytes(N, C, D, dtype, 128) - fixed
+    fixed = fast_workspace_bytes(N, C, D, dtype, 0, raw_dx)
+    per_row = fast_workspace_bytes(N, C, D, dtype, 128, raw_dx) - fixed
     rows = (budget - fixed) // per_row * 128 if budget > fixed else 0
-    return rows if rows >= MIN_FAST_ROWS else None
+    if rows < MIN_FAST_ROWS:
+        return None
+    # as many chunks as these rows need, made as equal as multiples of 128 allow: the same
+    # number of passes over the accumulator at a lower peak than a full chunk and a sliver
+    return min(rows, max(MIN_FAST_ROWS, triton.cdiv(triton.cdiv(N, triton.cdiv(N, rows)), 128) * 128))
 
 
 def _split_accumulator(dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
