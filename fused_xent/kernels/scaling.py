@@ -63,15 +63,17 @@ def scale_all_(tensors: list[torch.Tensor], g: torch.Tensor) -> None:
     strategy's backward scales dX, dW, db and dscale in one)."""
     if g.numel() != 1:
         raise ValueError(f"scale_: g must hold one element, got shape {tuple(g.shape)}")
-    ours = []
+    ours, others = [], []
     for t in tensors:
         on_triton = t.is_cuda or (config.interpreting() and t.device.type == "cpu")
         if not on_triton or t.dtype not in (torch.float32, torch.bfloat16, torch.float16) or not t.is_contiguous():
-            t.mul_(g.reshape(()))
-        elif g.device != t.device:
+            others.append(t)
+        elif g.device != t.device:  # before any tensor changes
             raise ValueError(f"scale_: g is on {g.device}, the tensor on {t.device}")
         elif t.numel():
             ours.append(t)
+    for t in others:
+        t.mul_(g.reshape(()))
     for i in range(0, len(ours), _SLOTS):
         group = ours[i : i + _SLOTS]
         slots = [(t, t.numel()) for t in group] + [(group[0], 0)] * (_SLOTS - len(group))
