@@ -66,7 +66,7 @@ def main() -> None:
         g = torch.Generator(device="cuda").manual_seed(0)
         x = torch.randn(N, D, device="cuda", generator=g).bfloat16().requires_grad_()
         w = (torch.randn(C, D, device="cuda", generator=g) / D**0.5).bfloat16().requires_grad_()
-        b = torch.zeros(C, device="cuda").bfloat16().requires_grad_()
+        b = (0.1 * torch.randn(C, device="cuda", generator=g)).bfloat16().requires_grad_()
         y = torch.randint(0, C, (N,), device="cuda", generator=g)
         for name, fn in _methods(x, w, b, y).items():
 
