@@ -10,13 +10,12 @@ import cProfile
 import os
 import pstats
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import fused_xent
-from fused_xent.bench import CASES, make_inputs
+from fused_xent.bench import CASES, host_time, make_inputs
 
 case = CASES[os.environ.get("HOST_CASE", "vit21k")]
 x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
@@ -36,15 +35,7 @@ def step(spec: str, backward: bool = True) -> None:
 
 
 def host_ms(spec: str, n: int = 50, backward: bool = True) -> float:
-    for _ in range(10):
-        step(spec, backward)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step(spec, backward)
-    host = (time.perf_counter() - t0) / n * 1e3
-    torch.cuda.synchronize()
-    return host
+    return host_time(lambda: step(spec, backward), n, warmup=10) * 1e3
 
 
 _CONTAINERS = ("step", "autograd::engine::evaluate_function", "_Eager", "fused_xent::")

@@ -3,11 +3,11 @@
 small elementwise torch op. Trivial GPU work, no sync inside the timed loop: the host's time per
 launch. ``PYTHONPATH=. python benchmarks/launch_cost.py``"""
 
-import time
-
 import torch
 import triton
 import triton.language as tl
+
+from fused_xent.bench import host_time
 
 
 @triton.jit
@@ -26,15 +26,7 @@ def many_args(X, Y, P0, P1, P2, P3, P4, P5, P6, P7, P8, P9, P10, P11, n, i0, i1,
 
 
 def per_call(fn, n=2000) -> float:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e6
-    torch.cuda.synchronize()
-    return host
+    return host_time(fn, n, warmup=50) * 1e6
 
 
 x = torch.randn(4096, device="cuda")

@@ -11,8 +11,6 @@ is faster (2.37 against 4.39 ms) at less memory.
     PYTHONPATH=. python benchmarks/small_heads.py
 """
 
-import time
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -20,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 from triton.testing import do_bench
 
 import fused_xent
-from fused_xent.bench import _peak
+from fused_xent.bench import _peak, host_time
 
 SHAPES = [(256, 768, 1000), (1024, 768, 1000), (4096, 768, 1000), (1024, 2048, 11821), (4096, 768, 21841)]
 
@@ -39,15 +37,7 @@ def _methods(x, w, b, y):
 
 
 def _host_ms(fn, n=50) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        fn()
-    host = (time.perf_counter() - t0) / n * 1e3
-    torch.cuda.synchronize()
-    return host
+    return host_time(fn, n, warmup=5) * 1e3
 
 
 def _launches(fn) -> int:

@@ -160,6 +160,20 @@ def _bench(fn, device):
     return (time.perf_counter() - t0) / reps * 1e3
 
 
+def host_time(fn, calls: int = 50, warmup: int = 5) -> float:
+    """Seconds of host time per call of ``fn`` on CUDA, ``calls`` calls without a sync after
+    ``warmup`` (what a training step pays where the GPU keeps up; for the profiling scripts)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - t0) / calls
+    torch.cuda.synchronize()
+    return host
+
+
 def _peak(fn, device) -> float:
     if device != "cuda":
         return float("nan")
