@@ -10,7 +10,7 @@ backward's gathered pieces ran their recompute and dX GEMMs on cutlass ``align1`
 kernels (odd widths; now padded, ``class_chunked._gathered_rows``); at 1M classes filtered leaves
 the GPU idle ~3 ms per call in small launches before the first GEMM and after the count sync.
 
-    PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB] [--list]
+    PYTHONPATH=. python benchmarks/gpu_gaps.py CASE IMPL [BUDGET_MIB] [--list [--all]]
     (e.g. extreme_1m filtered 1100; BUDGET_MIB as the bench's lean column: the peak it allows)
 """
 
@@ -65,10 +65,10 @@ def main() -> None:
     for gap, _, _, _, key in timeline:
         phases[key][0] += gap
         phases[key][1] += 1
-    if "--list" in sys.argv:  # every kernel outside the forward's chunk loop: gap before, duration, name
+    if "--list" in sys.argv:  # every kernel (``--all``) or those outside the forward's chunk loop
         for gap, run, kname, _, key in timeline:
-            if key != "forward chunks":
-                print(f"  gap {gap:7.1f} us  run {run:7.1f} us  {kname[:90]}")
+            if key != "forward chunks" or "--all" in sys.argv:
+                print(f"  gap {gap:7.1f} us  run {run:7.1f} us  {key[:8]:8s}  {kname[:90]}")
     idle = ", ".join(f"{k} {v[0] / 1e3:.2f} over {v[1]} kernels" for k, v in phases.items())
     print(f"# idle by phase (ms): {idle}")
     print(f"# {name} {impl} budget {budget}: {per_call:.2f} ms per call (10 back to back); profiled call: "

@@ -241,6 +241,10 @@ def run_case(name: str, case: dict, device: str, only: list[str] | None = None) 
     return rows
 
 
+#: How the results record the command that produced them (``benchmarks/native_anchor.py`` sets its own).
+COMMAND = "python -m fused_xent bench"
+
+
 def environment(argv: list[str]) -> dict:
     import triton
 
@@ -251,7 +255,7 @@ def environment(argv: list[str]) -> dict:
         torch=torch.__version__,
         triton=triton.__version__,
         fused_xent=fused_xent.__version__,
-        command="python -m fused_xent bench " + " ".join(argv),
+        command=f"{COMMAND} " + " ".join(argv),
     )
 
 
