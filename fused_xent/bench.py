@@ -255,7 +255,7 @@ def environment(argv: list[str]) -> dict:
         torch=torch.__version__,
         triton=triton.__version__,
         fused_xent=fused_xent.__version__,
-        command=f"{COMMAND} " + " ".join(argv),
+        command=" ".join([COMMAND, *argv]),
     )
 
 
