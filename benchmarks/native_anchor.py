@@ -8,9 +8,11 @@ and ordinary operators): ``torch/nn/modules/linear_cross_entropy.py`` and
 a torch >= 2.13 install, not part of this repository), installs ``F.linear_cross_entropy`` and
 ``torch.nn.LinearCrossEntropyOptions`` on the running torch, and runs the bench, whose
 ``torch_native_chunked`` method then calls them as it would on a newer torch. The dispatch
-below follows torch's for the bench's calls: 2-d input and int64 class indices take the chunked
-op when ``label_smoothing == 0``; any other call takes ``F.cross_entropy(F.linear(...))``, as
-torch does (with a warning) for options it cannot honour.
+below follows torch's for the bench's calls (2-d input, int64 class indices, reduction "mean"):
+those take the chunked op when ``label_smoothing == 0``; any other call takes
+``F.cross_entropy(F.linear(...))``, as torch does (with a warning) for options it cannot honour.
+Unlike torch, reduction "none" and probability targets also take that reference path here (the
+bench makes no such call).
 
     cp $(python -c "import torch, os; print(os.path.dirname(torch.__file__))")/nn/modules/linear_cross_entropy*.py DIR
     python -c "import torch; print('torch', torch.__version__)" > DIR/SOURCE
