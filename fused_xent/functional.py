@@ -408,6 +408,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int | None = -100,
     label_smoothing: float = 0.0,
+    options=None,
     scale: float | torch.Tensor | None = None,
     softcap: float | None = None,
     z_loss: float = 0.0,
@@ -435,6 +436,11 @@ def linear_cross_entropy(
         reduction: "mean" | "sum" | "none" (then the loss has the shape of ``input[..., 0]``).
         ignore_index: class index whose rows are skipped; None skips none.
         label_smoothing: eps in [0, 1], mixing the target with the uniform distribution.
+        options: None or a ``torch.nn.LinearCrossEntropyOptions``, taken so that a call of
+            ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) runs unchanged. Its
+            fields choose torch's own row chunks; fused_xent chooses its strategy from ``impl``
+            and ``memory_budget``, so they change neither the result nor the memory bound (and
+            a second backward with ``retain_graph=True`` works either way).
         scale: float or 1-element tensor (learnable, gets a gradient) multiplying the logits.
         softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         z_loss: adds ``z_loss * lse**2`` per kept row (PaLM).
@@ -475,6 +481,7 @@ def linear_cross_entropy(
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse when ``return_lse``.
     """
+    _check_torch_options(options)
     low = _autocast_dtype(input)
     if low is not None:
         with torch.autocast(input.device.type, enabled=False):
@@ -687,6 +694,14 @@ def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:
         raise ValueError(f"z_loss must be a finite float >= 0, got {z_loss!r}")
     if softcap is not None and (not isinstance(softcap, numbers.Real) or not 0.0 < softcap < float("inf")):
         raise ValueError(f"softcap must be None or a finite float > 0, got {softcap!r}")
+
+
+def _check_torch_options(options) -> None:
+    """``options`` as ``torch.nn.functional.linear_cross_entropy`` takes it: None or a
+    ``torch.nn.LinearCrossEntropyOptions`` (a class of torch >= 2.13)."""
+    kind = getattr(torch.nn, "LinearCrossEntropyOptions", None)
+    if options is not None and (kind is None or not isinstance(options, kind)):
+        raise TypeError(f"options must be None or a torch.nn.LinearCrossEntropyOptions, got {_describe(options)}")
 
 
 def _check_ignore_index(ignore_index) -> None:

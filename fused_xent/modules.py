@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fused_xent.functional import linear_cross_entropy
+from fused_xent.functional import _check_torch_options, linear_cross_entropy
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -22,6 +22,7 @@ class LinearCrossEntropyLoss(nn.Module):
         reduction: str = "mean",
         ignore_index: int | None = -100,
         label_smoothing: float = 0.0,
+        options=None,
         scale: float | None = None,
         softcap: float | None = None,
         z_loss: float = 0.0,
@@ -31,10 +32,12 @@ class LinearCrossEntropyLoss(nn.Module):
         memory_budget: int | None = None,
     ) -> None:
         super().__init__()
+        _check_torch_options(options)
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index
         self.label_smoothing = label_smoothing
+        self.options = options
         self.scale = scale
         self.softcap = softcap
         self.z_loss = z_loss
@@ -62,6 +65,7 @@ class LinearCrossEntropyLoss(nn.Module):
             reduction=self.reduction,
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
+            options=self.options,
             scale=self.scale,
             softcap=self.softcap,
             z_loss=self.z_loss,

@@ -325,6 +325,7 @@ BAD_INPUTS = [
     (dict(x=torch.randn(8, 6).int()), TypeError, "input must be a float tensor"),
     (dict(w=torch.randn(11)), ValueError, "linear_weight must be a (C, D)"),
     (dict(w=torch.randn(0, 6)), ValueError, "at least one class"),
+    (dict(kw=dict(options="chunked")), TypeError, "options must be None or a torch.nn.LinearCrossEntropyOptions"),
 ]
 
 
