@@ -8,9 +8,10 @@ traffic is ``8 D B^2 (1 / cc + 1 / R)``: least for a square tile. The production
 rows x 3072 columns, 96 MiB) moves ~2.6 GB of accumulator bytes at B = 32768, D = 768; 6144 x
 6144 (72 MiB) ~1.1 GB, at more launches and smaller GEMMs. This script times the step at a
 few tile shapes (module constants patched for the run; each shape in turn, two rounds) and
-lists the GPU's idle time between kernels at the production shape.
+lists the GPU's idle time between kernels at the production shape. ``--gaps-only``: that list
+after a few steps (cold) and after 3 s of steps back to back (hot), then ``do_bench``'s median.
 
-    PYTHONPATH=. python benchmarks/probe_clip_tiles.py [--B 32768] [--D 768] [--rounds 2]
+    PYTHONPATH=. python benchmarks/probe_clip_tiles.py [--B 32768] [--D 768] [--rounds 2] [--gaps-only]
 """
 
 import argparse
@@ -52,11 +53,20 @@ def measure(step, leaves) -> tuple[float, float]:
     return triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median"), mib
 
 
-def gaps(step) -> None:
-    """One profiled step (after warm-up): kernel time, busy time, idle time and the largest gaps."""
+def gaps(step, hot_ms: float = 0.0) -> None:
+    """One profiled step (after warm-up): kernel time, busy time, idle time and the largest gaps.
+    ``hot_ms``: steps run back to back for that long first, as ``do_bench`` runs them (the GPU at
+    its sustained clock under the power cap); the SM clock (MHz, NVML) is printed before and after."""
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    clock = torch.cuda.clock_rate()
+    if hot_ms:
+        t0 = time.perf_counter()
+        while (time.perf_counter() - t0) * 1e3 < hot_ms:
+            step()
+        clock = f"{clock} -> {torch.cuda.clock_rate()} (after {hot_ms:.0f} ms of steps)"
+    print(f"SM clock before the profiled steps: {clock} MHz")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         step()
         step()
@@ -90,6 +100,7 @@ def main() -> None:
     parser.add_argument("--B", type=int, default=32768)
     parser.add_argument("--D", type=int, default=768)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--gaps-only", action="store_true", help="skip the tile shapes: the idle time, cold then hot")
     args = parser.parse_args()
     images, texts, scale = inputs(args.B, args.D)
     loss_fn = FusedClipLoss()
@@ -100,6 +111,11 @@ def main() -> None:
             t.grad = None
         loss_fn(images, texts, scale).backward()
 
+    if args.gaps_only:
+        gaps(step)
+        gaps(step, hot_ms=3000.0)
+        print(f"do_bench median: {measure(step, leaves)[0]:.2f} ms")
+        return
     grads = {}
     for rows, nbytes in SHAPES:  # warm-up and the gradients of each shape
         clip_chunked.TILE_ROWS, clip_chunked.CHUNK_BYTES = rows, nbytes
