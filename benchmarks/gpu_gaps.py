@@ -24,6 +24,19 @@ from torch.profiler import ProfilerActivity, profile
 from fused_xent.bench import fwbw_step
 
 
+def second_call_kernels(step) -> list[tuple[float, float, str]]:
+    """``(start_us, end_us, name)`` of every kernel of the second of two profiled calls of
+    ``step``, in start order (two back to back, as ``do_bench`` runs them)."""
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        step()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
+    )
+    return kernels[len(kernels) // 2 :]  # from the first kernel after the first call's last one
+
+
 def main() -> None:
     name, impl = sys.argv[1], sys.argv[2]
     peak = int(sys.argv[3]) if len(sys.argv) > 3 and sys.argv[3].isdigit() else None
@@ -37,15 +50,7 @@ def main() -> None:
         step()
     torch.cuda.synchronize()
     per_call = (time.perf_counter() - t0) / 10 * 1e3
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        step()
-        torch.cuda.synchronize()
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
-    )
-    # the second call only: from the first kernel after the first call's last one
-    kernels = kernels[len(kernels) // 2 :]
+    kernels = second_call_kernels(step)
     # one pass: each kernel with the GPU's idle time before it and its phase (before the forward's
     # first stats kernel, the forward's chunk loop, after its last stats kernel)
     stats = [k[0] for k in kernels if "stats_kernel" in k[2]]

@@ -18,10 +18,9 @@ import argparse
 import time
 
 import torch
-import torch.nn.functional as F
-import triton.testing
-from torch.autograd import DeviceType
-from torch.profiler import ProfilerActivity, profile
+from bench_clip import make_inputs
+from bench_clip import measure as measure_clip
+from gpu_gaps import second_call_kernels
 
 from fused_xent.integrations.open_clip import FusedClipLoss
 from fused_xent.kernels import clip_chunked
@@ -29,28 +28,6 @@ from fused_xent.kernels import clip_chunked
 MIB = 2**20
 #: (tile rows, tile bytes) of the backward; the first is production's.
 SHAPES = [(16384, 96 * MIB), (8192, 80 * MIB), (6144, 72 * MIB), (8192, 64 * MIB), (4096, 64 * MIB)]
-
-
-def inputs(B: int, D: int):
-    g = torch.Generator(device="cuda").manual_seed(1)
-    images = F.normalize(torch.randn(B, D, device="cuda", generator=g), dim=-1)
-    texts = F.normalize(images + 0.8 * torch.randn(B, D, device="cuda", generator=g), dim=-1)
-    images, texts = (t.bfloat16().requires_grad_() for t in (images, texts))
-    return images, texts, torch.tensor(100.0 / 1.5, device="cuda")
-
-
-def measure(step, leaves) -> tuple[float, float]:
-    """(median ms by do_bench, peak extra MiB of one step, the features' gradients included)."""
-    for t in leaves:
-        t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    mib = (torch.cuda.max_memory_allocated() - before) / MIB
-    return triton.testing.do_bench(step, grad_to_none=leaves, return_mode="median"), mib
 
 
 def gaps(step, hot_ms: float = 0.0) -> None:
@@ -67,14 +44,7 @@ def gaps(step, hot_ms: float = 0.0) -> None:
             step()
         clock = f"{clock} -> {torch.cuda.clock_rate()} (after {hot_ms:.0f} ms of steps)"
     print(f"SM clock before the profiled steps: {clock} MHz")
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        step()
-        step()
-        torch.cuda.synchronize()
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name) for e in prof.events() if e.device_type == DeviceType.CUDA
-    )
-    kernels = kernels[len(kernels) // 2 :]  # the second step
+    kernels = second_call_kernels(step)
     idle, busy, end, rows = 0.0, 0.0, kernels[0][0], []
     for start, stop, name in kernels:
         gap = max(0.0, start - end)
@@ -102,7 +72,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--gaps-only", action="store_true", help="skip the tile shapes: the idle time, cold then hot")
     args = parser.parse_args()
-    images, texts, scale = inputs(args.B, args.D)
+    images, texts, scale = make_inputs(args.B, args.D, "cuda", torch.bfloat16)
     loss_fn = FusedClipLoss()
     leaves = [images, texts]
 
@@ -111,10 +81,15 @@ def main() -> None:
             t.grad = None
         loss_fn(images, texts, scale).backward()
 
+    def measure() -> tuple[float, float]:
+        """(median ms by do_bench, peak extra MiB of one step, the features' gradients included)."""
+        row = measure_clip(loss_fn, images, texts, scale, "cuda", reps=0)
+        return row["ms"], row["mib"]
+
     if args.gaps_only:
         gaps(step)
         gaps(step, hot_ms=3000.0)
-        print(f"do_bench median: {measure(step, leaves)[0]:.2f} ms")
+        print(f"do_bench median: {measure()[0]:.2f} ms")
         return
     grads = {}
     for rows, nbytes in SHAPES:  # warm-up and the gradients of each shape
@@ -126,7 +101,7 @@ def main() -> None:
     for _ in range(args.rounds):
         for shape in SHAPES:
             clip_chunked.TILE_ROWS, clip_chunked.CHUNK_BYTES = shape
-            results[shape].append(measure(step, leaves))
+            results[shape].append(measure())
     print(f"# B={args.B} D={args.D} bf16, {args.rounds} rounds in {time.time() - t0:.0f} s")
     base = grads[SHAPES[0]]
     print("| tile rows | tile MiB | columns | ms per round | peak MiB | dX / dY vs production (rel) |")
