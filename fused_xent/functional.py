@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import numbers
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,6 +259,7 @@ class _EagerLinearXent(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lse, g_lin, _g_aux):
+        refuse_create_graph(ctx.backend)
         return _forward_op_backward(ctx, g_lse, g_lin, backward=_backward_impl)
 
 
@@ -278,6 +280,7 @@ class _EagerLinearXentReduced(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss):
+        refuse_create_graph(ctx.backend)
         lse, targets = ctx.saved_tensors[4], ctx.saved_tensors[6:]
         cp, rt_g = loss_grad_coefs(g_loss, ctx.divisor, lse, RowTargets(*targets), ctx.reduction)
         return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 11  # and the reduction
@@ -371,10 +374,30 @@ class _EagerFast(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, _):
+        refuse_create_graph("fast")
+        if ctx.grads is None:
+            raise RuntimeError(
+                "impl='fast' (which impl='auto' takes on CUDA when it fits the memory budget) forms the gradients "
+                "in the forward and hands them to autograd in the first backward; a second backward through the "
+                "same loss (retain_graph=True, autograd.grad twice) needs impl='lean'"
+            )
         grads = tuple(g if g.numel() else None for g in ctx.grads)
         scale_all_([g for g in grads if g is not None], g_loss)
-        ctx.grads = None
+        ctx.grads = None  # autograd takes the tensors over as .grad, without a copy
         return *grads, *[None] * 13
+
+
+def refuse_create_graph(backend: str) -> None:
+    """Raise inside a backward run with ``create_graph=True`` (grad mode on: double backward,
+    gradient penalties) unless ``backend`` is the plain-torch "chunked" one. The kernels' backward
+    is not differentiable itself: its gradients would come back without a graph, and whatever is
+    differentiated through them would silently get nothing."""
+    if torch.is_grad_enabled() and backend != "chunked":
+        raise RuntimeError(
+            f"the backward of impl/backend {backend!r} runs fused kernels and is not differentiable itself; "
+            "a backward with create_graph=True (double backward, gradient penalties) needs impl='chunked' "
+            "(CPU or CUDA, plain torch) or impl='reference'"
+        )
 
 
 def _fast_loss(x, w, b, scale, *args) -> tuple[torch.Tensor, torch.Tensor]:
@@ -439,8 +462,7 @@ def linear_cross_entropy(
         options: None or a ``torch.nn.LinearCrossEntropyOptions``, taken so that a call of
             ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) runs unchanged. Its
             fields choose torch's own row chunks; fused_xent chooses its strategy from ``impl``
-            and ``memory_budget``, so they change neither the result nor the memory bound (and
-            a second backward with ``retain_graph=True`` works either way).
+            and ``memory_budget``, so they change neither the result nor the memory bound.
         scale: float or 1-element tensor (learnable, gets a gradient) multiplying the logits.
         softcap: logits become ``softcap * tanh(logits / softcap)`` (Gemma 2).
         z_loss: adds ``z_loss * lse**2`` per kept row (PaLM).
@@ -478,6 +500,12 @@ def linear_cross_entropy(
     Out-of-range class indices raise a ValueError, except while compiling or capturing a CUDA
     graph (the check needs a host sync): there their rows' loss is NaN.
 
+    Autograd: a second backward through the loss (``retain_graph=True``) works on every impl but
+    "fast" ("auto"'s choice on CUDA where it fits), which hands its gradients to autograd in the
+    first backward and raises a RuntimeError on a second. A backward with ``create_graph=True``
+    (double backward, gradient penalties) needs "chunked" or "reference": the fused backends raise
+    a RuntimeError there rather than return gradients without a graph.
+
     Returns:
         The loss (fp32; fp64 for fp64 input), and the lse when ``return_lse``.
     """
@@ -510,6 +538,8 @@ def linear_cross_entropy(
     impl = _deterministic_impl(impl, deterministic)
     x, w, b = _check_linear(input, linear_weight, linear_bias)
     C, D = w.shape
+    if D == 0:  # no features: the logits are the bias, nothing to fuse (and no kernel for empty rows)
+        impl = "reference"
     batch_shape = input.shape[:-1]
     dense = target.is_floating_point() if isinstance(target, torch.Tensor) else False
     t = _check_target(target, batch_shape, C, x.device, dense)
@@ -735,7 +765,8 @@ def _check_linear(input, linear_weight, linear_bias):
             raise TypeError(f"linear_bias dtype {linear_bias.dtype} must equal input dtype {input.dtype}")
         if linear_bias.device != input.device:
             raise ValueError(f"linear_bias is on {linear_bias.device} but input is on {input.device}")
-    return input.reshape(-1, D), linear_weight, linear_bias
+        linear_bias = linear_bias.contiguous()  # the kernels read it through one flat pointer
+    return input.reshape(math.prod(input.shape[:-1]), D), linear_weight, linear_bias
 
 
 def _check_target(target, batch_shape, C, device, dense):
@@ -758,7 +789,7 @@ def _check_target(target, batch_shape, C, device, dense):
             f"target has shape {tuple(target.shape)} but input {tuple(batch_shape) + ('D',)} needs "
             f"target of shape {tuple(batch_shape)} (class indices) or {(*batch_shape, C)} (probabilities)"
         )
-    return target.reshape(-1).long()
+    return target.reshape(-1).long().contiguous()  # a strided view stays strided through both
 
 
 def _check_mixup(target2, lam, target, batch_shape, dense, device):
@@ -791,7 +822,7 @@ def _check_mixup(target2, lam, target, batch_shape, dense, device):
         lam_rows = lam_rows.to(device)
     else:
         raise TypeError(f"lam must be a float or a tensor, got {_describe(lam)}")
-    return target2.reshape(-1).long(), lam_rows
+    return target2.reshape(-1).long().contiguous(), lam_rows.contiguous()
 
 
 def _check_class_weight(weight, C, device):
@@ -801,7 +832,7 @@ def _check_class_weight(weight, C, device):
         raise ValueError(f"weight must be a float tensor of shape ({C},), got {_describe(weight)}")
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but input is on {device}")
-    return weight.detach()
+    return weight.detach().contiguous()
 
 
 #: Range checks of earlier CUDA calls whose flags are still on their way to the host:

@@ -52,6 +52,7 @@ from fused_xent.functional import (
     _lean_chunk_bytes,
     _spare_bytes,
     linear_cross_entropy,
+    refuse_create_graph,
 )
 from fused_xent.kernels.config import interpreting
 from fused_xent.reference import compute_dtype, matmul_wide
@@ -151,6 +152,8 @@ class _CosineRest(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_lse, g_t):
         from fused_xent.kernels.class_chunked import class_chunked_backward
+
+        refuse_create_graph("lean")
 
         xn, w, idx, bias, scale, norm, lse = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[:2]

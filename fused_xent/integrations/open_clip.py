@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_xent.distributed import gather_features
-from fused_xent.functional import linear_cross_entropy
+from fused_xent.functional import linear_cross_entropy, refuse_create_graph
 from fused_xent.reference import chunk_rows, compute_dtype, matmul_wide
 
 IMPLS = ("auto", "lean", "triton", "chunked")
@@ -213,6 +213,7 @@ class _EagerClipLse(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_row, g_col, g_diag):
+        refuse_create_graph(ctx.backend)
         return _clip_lse_backward(ctx, g_row, g_col, g_diag, backward=_clip_backward_impl)
 
 

@@ -1,0 +1,119 @@
+"""Inputs the kernels must not read wrongly, and autograd uses they do not support, on every
+backend (the Triton ones through the interpreter on CPU): strided / expanded targets, class
+weights and biases; a second backward; a backward with create_graph=True; inputs without features."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fused_xent import linear_cross_entropy
+from fused_xent.integrations.open_clip import FusedClipLoss
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+IMPLS = ["chunked", "reference", "triton", "lean", "fast", "filtered"]
+N, D, C = 7, 8, 11
+
+
+def _leaves(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, D, generator=g).to(DEVICE).requires_grad_()
+    w = (torch.randn(C, D, generator=g) / D**0.5).to(DEVICE).requires_grad_()
+    return x, w
+
+
+def _grads(loss, leaves):
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_strided_and_expanded_targets_weights_and_bias(impl):
+    """Views whose elements are not adjacent (a column of a matrix, every other element, one
+    value expanded) give what their contiguous copies give."""
+    g = torch.Generator().manual_seed(1)
+    x, w = _leaves()
+    y = torch.randint(0, C, (N, 2), generator=g).to(DEVICE)[:, 1]  # stride 2
+    y2 = torch.randint(0, C, (2 * N,), generator=g).to(DEVICE)[::2]
+    cw = (torch.rand(2 * C, generator=g) + 0.5).to(DEVICE)[::2]
+    b0 = torch.randn(1, generator=g).to(DEVICE).requires_grad_()
+    b = b0.expand(C)  # stride 0
+    assert y.stride() == (2,) and cw.stride() == (2,) and b.stride() == (0,)
+    kw = dict(weight=cw, label_smoothing=0.1, impl=impl)
+    got = linear_cross_entropy(x, w, y, linear_bias=b, target2=y2, lam=0.3, **kw)
+    want = linear_cross_entropy(
+        x, w, y.contiguous(), linear_bias=b.contiguous(), target2=y2.contiguous(), lam=0.3, **dict(kw, impl="reference")
+    )
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, r in zip(_grads(got, [x, w, b0]), _grads(want, [x, w, b0]), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    # and against torch itself, one label per row
+    got = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, impl=impl)
+    want = F.cross_entropy(F.linear(x, w, b), y, weight=cw)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_second_backward(impl):
+    """retain_graph=True: a second backward adds the same gradients again, except through
+    "fast", which hands its gradients over in the first and refuses a second, saying so."""
+    x, w = _leaves()
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    loss = linear_cross_entropy(x, w, y, impl=impl)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone(), w.grad.clone()
+    if impl == "fast":
+        with pytest.raises(RuntimeError, match="second backward through the same loss"):
+            loss.backward()
+        return
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first[0])
+    torch.testing.assert_close(w.grad, 2 * first[1])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_create_graph(impl, reduction):
+    """A gradient penalty: exact through the plain-torch backends, a clear error through the
+    kernels (whose gradients would come back without a graph, the penalty silently lost)."""
+    if impl == "fast" and reduction == "none":
+        pytest.skip("fast takes reduced losses only")
+    y = torch.randint(0, C, (N,), device=DEVICE)
+
+    def penalised(impl_):
+        x, w = _leaves()
+        loss = linear_cross_entropy(x, w, y, reduction=reduction, impl=impl_).sum()
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        return _grads(loss + gx.pow(2).sum(), [x, w])
+
+    if impl in ("chunked", "reference"):
+        for a, r in zip(penalised(impl), penalised("reference"), strict=True):
+            torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+    else:
+        with pytest.raises(RuntimeError, match="create_graph=True"):
+            penalised(impl)
+
+
+@pytest.mark.parametrize("impl", ["lean", "triton"])
+def test_clip_loss_create_graph_is_refused(impl):
+    g = torch.Generator().manual_seed(3)
+    img, txt = (F.normalize(torch.randn(6, 5, generator=g), dim=-1).to(DEVICE).requires_grad_() for _ in range(2))
+    loss = FusedClipLoss(impl=impl)(img, txt, torch.tensor(10.0, device=DEVICE))
+    with pytest.raises(RuntimeError, match="create_graph=True"):
+        torch.autograd.grad(loss, img, create_graph=True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_no_features(impl):
+    """D = 0: the logits are the bias (torch's answer: log C without one)."""
+    x = torch.randn(N, 0, device=DEVICE, requires_grad=True)
+    w = torch.randn(C, 0, device=DEVICE, requires_grad=True)
+    b = torch.randn(C, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    got = linear_cross_entropy(x, w, y, linear_bias=b, label_smoothing=0.1, impl=impl)
+    want = F.cross_entropy(F.linear(x, w, b), y, label_smoothing=0.1)
+    torch.testing.assert_close(got, want)
+    for a, r in zip(_grads(got, [x, w, b]), _grads(want, [x, w, b]), strict=True):
+        assert a.shape == r.shape
+        torch.testing.assert_close(a, r)
+    torch.testing.assert_close(linear_cross_entropy(x, w, y, impl=impl), torch.tensor(C, device=DEVICE).log())
