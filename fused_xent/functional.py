@@ -363,24 +363,28 @@ _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
 class _EagerFast(torch.autograd.Function):
     """The fast strategy outside the dispatcher (see ``_EagerLinearXent``); its backward
     scales the stored gradients in place, with no pass over them when the upstream gradient
-    is 1 (``kernels.scaling``)."""
+    is 1 (``kernels.scaling``), and hands them to autograd without a copy. A second backward
+    through the same loss (``retain_graph=True``) finds them gone and runs the exact lean
+    backward from the saved inputs instead (as ``_EagerLinearXentReduced``'s)."""
 
     @staticmethod
-    def forward(ctx, x, w, b, scale, *args):
-        loss, lse, dx, dw, db, dscale = _fast_impl(x, w, b, scale, *args)
+    def forward(ctx, x, w, b, scale, targets, *args):
+        loss, lse, dx, dw, db, dscale = _fast_impl(x, w, b, scale, targets, *args)
         ctx.grads = (dx, dw, db, dscale)
+        # for a second backward: references to the inputs (no copies), the lse and the row targets
+        ctx.save_for_backward(x, w, b, scale, lse, x.new_empty((0,), dtype=torch.float32), *targets)
+        ctx.options, ctx.backend, ctx.reduction = args[:6], "class_chunked", args[6]
         ctx.mark_non_differentiable(lse)
         return loss, lse
 
     @staticmethod
     def backward(ctx, g_loss, _):
         refuse_create_graph("fast")
-        if ctx.grads is None:
-            raise RuntimeError(
-                "impl='fast' (which impl='auto' takes on CUDA when it fits the memory budget) forms the gradients "
-                "in the forward and hands them to autograd in the first backward; a second backward through the "
-                "same loss (retain_graph=True, autograd.grad twice) needs impl='lean'"
-            )
+        if ctx.grads is None:  # handed over in the first backward: recompute, the lean way
+            lse, rt = ctx.saved_tensors[4], RowTargets(*ctx.saved_tensors[6:])
+            divisor = rt.row_weight.sum().reshape(1) if ctx.reduction == "mean" else torch.ones_like(lse[:1])
+            cp, rt_g = loss_grad_coefs(g_loss, divisor, lse, rt, ctx.reduction)
+            return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 13
         grads = tuple(g if g.numel() else None for g in ctx.grads)
         scale_all_([g for g in grads if g is not None], g_loss)
         ctx.grads = None  # autograd takes the tensors over as .grad, without a copy
@@ -500,9 +504,9 @@ def linear_cross_entropy(
     Out-of-range class indices raise a ValueError, except while compiling or capturing a CUDA
     graph (the check needs a host sync): there their rows' loss is NaN.
 
-    Autograd: a second backward through the loss (``retain_graph=True``) works on every impl but
-    "fast" ("auto"'s choice on CUDA where it fits), which hands its gradients to autograd in the
-    first backward and raises a RuntimeError on a second. A backward with ``create_graph=True``
+    Autograd: a second backward through the loss (``retain_graph=True``) works on every impl
+    ("fast", which hands the gradients it formed in the forward to autograd in the first,
+    recomputes them the "lean" way in a second). A backward with ``create_graph=True``
     (double backward, gradient penalties) needs "chunked" or "reference": the fused backends raise
     a RuntimeError there rather than return gradients without a graph.
 
