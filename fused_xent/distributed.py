@@ -57,7 +57,12 @@ class _ShardedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_lse):
-        functional.refuse_create_graph(ctx.backend.name)
+        if torch.is_grad_enabled():  # create_graph=True: the collectives below are outside autograd
+            raise RuntimeError(
+                "fused_xent.distributed's backward combines the ranks' lse and dX with collectives that autograd "
+                "does not differentiate; a backward with create_graph=True (double backward, gradient "
+                "penalties) is not supported on any impl"
+            )
         # The loss is replicated: every rank receives the same upstream g and g_lse.
         x, w, b, scale, lse = ctx.saved_tensors
         rt, group = ctx.rt, ctx.group

@@ -208,6 +208,25 @@ def _run_bad_inputs(rank: int, world: int) -> list[str]:
     return errors
 
 
+def _run_create_graph(rank: int, world: int) -> list[str]:
+    """A backward with create_graph=True raises on every rank (the ranks' lse and dX are combined
+    by collectives autograd does not differentiate: a second-order gradient would be this rank's
+    part only), and a plain backward of the same loss still works."""
+    offset = sum(SHARDS[world][:rank])
+    x = torch.randn(8, 6, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(SHARDS[world][rank], 6, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, C, (8,), generator=torch.Generator().manual_seed(0))
+    loss = distributed.linear_cross_entropy(x, w, y, class_offset=offset, impl="chunked")
+    try:
+        torch.autograd.grad(loss, x, create_graph=True, retain_graph=True)
+        return ["create_graph=True: no error"]
+    except RuntimeError as e:
+        if "create_graph=True" not in str(e):
+            return [f"create_graph=True: {e!r}"]
+    loss.backward()
+    return [] if x.grad is not None and w.grad is not None else ["no gradients after a plain backward"]
+
+
 def _run_gather(rank: int, world: int) -> list[str]:
     """Values and gradients of gather_features equal open_clip's own, for the four modes."""
     from open_clip.loss import gather_features as open_clip_gather
@@ -244,6 +263,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu")
     jobs = {name: (lambda n=name: _run_case(n, CASES[n], rank, world, device)) for name in CASES}
     if device == "cpu":  # both build their tensors on the CPU; neither depends on the device
         jobs["bad_inputs"] = lambda: _run_bad_inputs(rank, world)
+        jobs["create_graph"] = lambda: _run_create_graph(rank, world)
         jobs["gather_features"] = lambda: _run_gather(rank, world)
     try:
         for name, job in jobs.items():
@@ -292,7 +312,7 @@ def world_results(request, tmp_path_factory):
     return world, [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize("name", [*CASES, "bad_inputs", "gather_features"])
+@pytest.mark.parametrize("name", [*CASES, "bad_inputs", "create_graph", "gather_features"])
 def test_matches_single_process(world_results, name):
     world, per_rank = world_results
     for rank, results in enumerate(per_rank):

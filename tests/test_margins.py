@@ -197,10 +197,25 @@ def test_inputs_are_not_modified():
     assert torch.equal(x, x0) and torch.equal(w, w0) and torch.equal(y, y0)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "lean"])
+@pytest.mark.parametrize("s, m", [(4900.0, (1.0, 0.5, 0.0)), (2400.0, (1.0, 0.0, 2.0))])
+def test_largest_scale_allowed_is_exact(impl, s, m):
+    """At the largest s the check allows, the batch's classes stay out of the core's lse."""
+    x, w, y = problem(6, 8, 5)
+    dtype = torch.float64 if impl == "chunked" else torch.float32
+    x, w = x.to(dtype), w.to(dtype)
+    got = margin_cross_entropy(x, w, y, s=s, m1=m[0], m2=m[1], m3=m[2], reduction="none", impl=impl)
+    logits = margin_logits(x.double(), w.double(), y, s=s, m1=m[0], m2=m[1], m3=m[2])
+    want = F.cross_entropy(logits, y, reduction="none")
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-3 * s / 64)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(s=0.0), "s must be > 0"),
+        (dict(s=5000.0), "must be at most 9900"),
+        (dict(s=2000.0, m3=3.0), "must be at most 9900"),
         (dict(m2=float("nan")), "m2"),
         (dict(reduction="avg"), "reduction"),
         (dict(input=torch.randn(4, 5, dtype=torch.float64)), "features"),

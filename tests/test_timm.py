@@ -203,6 +203,25 @@ def test_pre_logits_wrapper_keeps_state_dict_and_eval_logits():
     assert loss_fn.classifier is m.get_classifier()
 
 
+def test_pre_logits_state_dict_round_trips_nested():
+    """Inside a parent module (DDP, torch.compile and the task hold it so) the keys are the
+    parent's prefix and the model's own keys, and they load back."""
+    torch.manual_seed(10)
+    m = timm.create_model("test_resnet", pretrained=False)
+    outer = torch.nn.Sequential(PreLogits(m))
+    sd = outer.state_dict()
+    assert list(sd) == ["0." + k for k in m.state_dict()]
+    other = torch.nn.Sequential(PreLogits(timm.create_model("test_resnet", pretrained=False)))
+    other.load_state_dict(sd)
+    for a, b in zip(other.state_dict().values(), sd.values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="bogus"):
+        other.load_state_dict({**sd, "0.bogus": torch.zeros(1)})
+    if hasattr(fx_timm, "FusedClassificationTask"):
+        task = fx_timm.FusedClassificationTask(m, label_smoothing=0.1, verbose=False)
+        task.load_state_dict(task.state_dict())
+
+
 @pytest.mark.skipif(not hasattr(fx_timm, "FusedClassificationTask"), reason="installed timm has no timm.task")
 def test_classification_task_matches_timm_task():
     from timm.task import ClassificationTask

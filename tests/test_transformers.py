@@ -49,6 +49,10 @@ CONFIGS = {
     "mistral": lambda: transformers.MistralConfig(**_COMMON),
     "cohere": lambda: transformers.CohereConfig(**_COMMON, logit_scale=3.0),
     "granite": lambda: transformers.GraniteConfig(**_COMMON, logits_scaling=0.25),
+    # base_model is the model itself (its base_model_prefix names no attribute): the hook goes on .model
+    "llama4_text": lambda: transformers.Llama4TextConfig(
+        **_COMMON, intermediate_size_mlp=48, head_dim=8, num_local_experts=2
+    ),
 }
 
 
@@ -208,6 +212,14 @@ def test_bad_models_raise_clear_errors():
         causal_lm_loss(model, ids, labels[:, :-1])
     with pytest.raises(ValueError, match="cannot read the LM head of LlamaModel"):
         causal_lm_loss(model.model, ids, labels)
+
+    # a forward that calls its decoder directly (the base model never runs): refused, not guessed
+    opt = transformers.AutoModelForCausalLM.from_config(
+        transformers.OPTConfig(vocab_size=V, hidden_size=D, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4,
+                               word_embed_proj_dim=D, max_position_embeddings=64)
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="call their decoder directly"):
+        causal_lm_loss(opt, ids, labels)
 
     model.config.logit_scale = 2.0  # a field this Llama's forward ignores: the first call's head check catches it
     with pytest.raises(ValueError, match="LlamaForCausalLM's logits differ"):

@@ -61,7 +61,8 @@ __all__ = ["MarginHead", "margin_cross_entropy", "margin_logits", "margin_target
 
 #: Cosines are clamped to [-1 + COS_EPS, 1 - COS_EPS] before arccos, whose slope is infinite at +-1.
 COS_EPS = 1e-6
-#: Bias that takes a class out of the core's log-sum-exp: exp(-1e4 + |s|) is 0 in every dtype.
+#: Bias that takes a class out of the core's log-sum-exp: exp(-1e4 + 2 s (1 + |m3|)) is 0 in every dtype
+#: while ``s * (2 + |m3|) <= 9900`` (checked).
 _EXCLUDED = -1e4
 #: Bytes of wide temporaries the weight normalisation may hold at once.
 _CHUNK_BYTES = 32 * 2**20
@@ -224,6 +225,13 @@ def margin_cross_entropy(
             raise ValueError(f"{name} must be a finite float, got {value!r}")
     if not s > 0:
         raise ValueError(f"s must be > 0, got {s}")
+    if s * (2 + abs(m3)) > -_EXCLUDED - 100:
+        # every logit lies in [-s (1 + |m3|), s]; a class taken out of the core's lse by _EXCLUDED must
+        # stay e^-100 below the smallest of them
+        raise ValueError(
+            f"s * (2 + |m3|) must be at most {-_EXCLUDED - 100:g} (logits beyond that reach the bias that "
+            f"excludes the batch's classes from the lse), got s={s}, m3={m3}"
+        )
     if impl == "fast":
         raise ValueError(
             "impl='fast' does not apply to margin_cross_entropy (it needs each row's lse over the non-target "

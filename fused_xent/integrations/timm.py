@@ -193,8 +193,9 @@ class PreLogits(nn.Module):
 
     ``train.py``-style loops change one place: ``model = PreLogits(model)`` with
     ``loss_fn = FusedHeadLoss.from_model(model, smoothing)``; validation still sees logits.
-    ``state_dict`` / ``load_state_dict`` are the wrapped model's (same keys, so checkpoints,
-    EMA copies and pretrained weights load either way).
+    Its state dict has the wrapped model's keys (no ``model.`` part), so checkpoints, EMA copies
+    and pretrained weights load either way; nested in another module (DDP, ``torch.compile``, a
+    task) its keys are the parent's prefix followed by those.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -203,20 +204,33 @@ class PreLogits(nn.Module):
             if not hasattr(model, name):
                 raise TypeError(f"model must be a timm model with {name}(), got {type(model).__name__}")
         self.model = model
+        # hooks rather than overriding state_dict / load_state_dict: a parent module collects and
+        # loads its children through these, with the child's prefix
+        self.register_state_dict_post_hook(_drop_model_prefix)
+        self.register_load_state_dict_pre_hook(_add_model_prefix)
 
     def forward(self, x: torch.Tensor, pre_logits: bool | None = None) -> torch.Tensor:
         """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C)."""
         features = self.model.forward_features(x)
         return self.model.forward_head(features, pre_logits=self.training if pre_logits is None else pre_logits)
 
-    def state_dict(self, *args, **kwargs):
-        return self.model.state_dict(*args, **kwargs)
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        return self.model.load_state_dict(state_dict, strict=strict, assign=assign)
-
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()
+
+
+def _drop_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``PreLogits``' keys ``prefix + "model." + key`` become ``prefix + key`` (in place, order kept)."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner) :]] = state_dict.pop(key)
+
+
+def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+    """Before ``PreLogits`` loads: keys under ``prefix`` get back their ``model.`` part (a key
+    that already has it, from a checkpoint saved before this naming, is left as it is)."""
+    inner = prefix + "model."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
 
 
 if _TimmMixup is not None:

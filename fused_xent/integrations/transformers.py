@@ -211,8 +211,13 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     user_return_dict = kwargs.pop("return_dict", None)
     targets = _shift(labels, shift_labels)
     base = model.base_model
-    if base is model:
-        raise ValueError(f"cannot find the base model of {type(model).__name__}: model.base_model is the model itself")
+    if base is model:  # base_model_prefix names no attribute (Llama 4's text model): the usual one
+        base = getattr(model, "model", None)
+        if not isinstance(base, nn.Module):
+            raise ValueError(
+                f"cannot find the base model of {type(model).__name__}: model.base_model is the model itself "
+                "and it has no .model"
+            )
 
     capture = _hidden_state_capture(model, base)
     check = not capture.head_checked
@@ -230,7 +235,11 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         capture.armed = False
     h, capture.hidden = capture.hidden, None
     if h is None:
-        raise ValueError(f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward")
+        raise ValueError(
+            f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward, "
+            "so fused_xent finds no hidden states to take the loss from (OPT's and the BART family's "
+            "*ForCausalLM call their decoder directly; the BART family's own loss is also not shifted)"
+        )
     if tuple(h.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
             f"labels have shape {tuple(targets.shape)} but the model's hidden states have shape {tuple(h.shape)}; "
