@@ -487,8 +487,9 @@ def _balanced_cols(x: torch.Tensor, C: int, nbytes: int | None) -> int:
 
 
 def _equal_width(total: int, most: int, align: int) -> int:
-    """The width of the fewest chunks of at most ``most`` classes over ``total`` (a multiple
-    of 8), as equal as multiples of ``align`` allow (``most`` itself a multiple of it)."""
+    """The width of the fewest chunks of at most ``most`` over ``total`` (classes, a multiple of
+    8, or the fast strategy's rows), as equal as multiples of ``align`` allow (``most`` itself a
+    multiple of it)."""
     return min(most, triton.cdiv(triton.cdiv(total, triton.cdiv(total, most)), align) * align)
 
 

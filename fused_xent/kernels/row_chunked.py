@@ -28,6 +28,7 @@ from fused_xent.kernels.class_chunked import (
     _accumulate,
     _chunk_dtype,
     _chunk_ranges,
+    _equal_width,
     _kernel_args,
     _raw_products,
     chunk_grad_kernel,
@@ -69,7 +70,7 @@ def fast_chunk_rows(N: int, C: int, D: int, dtype: torch.dtype, budget: int, raw
         return None
     # as many chunks as these rows need, made as equal as multiples of 128 allow: the same
     # number of passes over the accumulator at a lower peak than a full chunk and a sliver
-    return min(rows, max(MIN_FAST_ROWS, triton.cdiv(triton.cdiv(N, triton.cdiv(N, rows)), 128) * 128))
+    return max(MIN_FAST_ROWS, _equal_width(N, rows, 128))  # rows >= MIN_FAST_ROWS: the same min / max
 
 
 def _split_accumulator(dw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
