@@ -281,9 +281,18 @@ class _EagerLinearXentReduced(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         refuse_create_graph(ctx.backend)
-        lse, targets = ctx.saved_tensors[4], ctx.saved_tensors[6:]
-        cp, rt_g = loss_grad_coefs(g_loss, ctx.divisor, lse, RowTargets(*targets), ctx.reduction)
-        return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 11  # and the reduction
+        return *_reduced_input_grads(ctx, g_loss, ctx.divisor), *[None] * 11  # and the reduction
+
+
+def _reduced_input_grads(ctx, g_loss: torch.Tensor, divisor: torch.Tensor | None) -> tuple:
+    """``_input_grads`` of a reduced loss ("mean" or "sum", ``ctx.reduction``) from the saved
+    ``(x, w, b, scale, lse, aux, *targets)``; ``divisor`` the mean's (``reduced_loss``'s second
+    output), None to take it from the row targets."""
+    lse, rt = ctx.saved_tensors[4], RowTargets(*ctx.saved_tensors[6:])
+    if divisor is None:
+        divisor = rt.row_weight.sum().reshape(1) if ctx.reduction == "mean" else torch.ones_like(lse[:1])
+    cp, rt_g = loss_grad_coefs(g_loss, divisor, lse, rt, ctx.reduction)
+    return _input_grads(ctx, cp, rt_g, _backward_impl)
 
 
 # The fast strategy forms the gradients during the forward, for the upstream gradient a
@@ -381,10 +390,7 @@ class _EagerFast(torch.autograd.Function):
     def backward(ctx, g_loss, _):
         refuse_create_graph("fast")
         if ctx.grads is None:  # handed over in the first backward: recompute, the lean way
-            lse, rt = ctx.saved_tensors[4], RowTargets(*ctx.saved_tensors[6:])
-            divisor = rt.row_weight.sum().reshape(1) if ctx.reduction == "mean" else torch.ones_like(lse[:1])
-            cp, rt_g = loss_grad_coefs(g_loss, divisor, lse, rt, ctx.reduction)
-            return *_input_grads(ctx, cp, rt_g, _backward_impl), *[None] * 13
+            return *_reduced_input_grads(ctx, g_loss, None), *[None] * 13
         grads = tuple(g if g.numel() else None for g in ctx.grads)
         scale_all_([g for g in grads if g is not None], g_loss)
         ctx.grads = None  # autograd takes the tensors over as .grad, without a copy
