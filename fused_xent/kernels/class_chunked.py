@@ -38,6 +38,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fused_xent.kernels import config
 from fused_xent.kernels.config import target_programs
+from fused_xent.kernels.launch import fast_jit
 from fused_xent.kernels.linear_xent_forward import tma_loads
 from fused_xent.kernels.tiles import (
     fold_row_stats,
@@ -127,6 +128,7 @@ def _sparse_lin(z_acc, R, stride_rn, rows, row_mask, E, Y1, K1, Y2, K2, c0, Cc, 
     return lin
 
 
+@fast_jit
 @triton.jit
 def chunk_stats_kernel(
     R, stride_rn, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, M, S, L, LB_next, LB, ColMax,
@@ -237,6 +239,7 @@ def chunk_stats_kernel(
         tl.atomic_max(ColMax + cols, tl.max(acc, axis=0), mask=col_mask, sem="relaxed")
 
 
+@fast_jit
 @triton.jit
 def chunk_grad_kernel(
     R, stride_rn, DU, stride_un, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
@@ -709,6 +712,7 @@ def class_chunked_backward_filtered(x, w, b, scale, lse, cp, rt_g, opts, need_dx
 _EXP_MARGIN = tl.constexpr(1.0 + 2.0**-16)
 
 
+@fast_jit
 @triton.jit
 def kept_counts_kernel(LogPMax, Keep, TMax, Counts, cc, aligned, C, eps, HAS_T_MAX: tl.constexpr,
                        BLOCK: tl.constexpr):  # fmt: skip
@@ -1027,6 +1031,7 @@ def _finish_filtered(x, w, scale, dx, dw, counts, c0, c1, du, order, slot, ready
     _gathered_chunk_grads(x, w_k, du_t.T, scale, dx, dw[c0:c1] if dw is not None else None, cols)
 
 
+@fast_jit
 @triton.jit
 def tangent_rows_kernel(G, W, Norm, Scale, Out, C, D, stride_g, stride_w, stride_o, HAS_SCALE: tl.constexpr,
                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from fused_xent.kernels import config
 from fused_xent.kernels.class_chunked import _accumulate, _chunk_dtype, _chunk_ranges, _raw_products
+from fused_xent.kernels.launch import fast_jit
 
 #: Bytes of the backward's tile of logits (TILE_ROWS x cc). Beside it the backward holds dY,
 #: the fp32 dX accumulator (6 B D bytes for bf16) and the chunk's fp32 dY accumulator; dX is
@@ -58,6 +59,7 @@ def chunk_cols(B: int, D: int, dtype: torch.dtype, nbytes: int) -> int:
 # ---------------------------------------------------------------- forward
 
 
+@fast_jit
 @triton.jit
 def clip_chunk_stats_kernel(
     R, stride_r, Scale, RowM, RowS, ColM, ColS, Diag,
@@ -165,6 +167,7 @@ def clip_chunked_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor):
     return _merge_base2(row_m, row_s), _merge_base2(col_m, col_s), diag
 
 
+@fast_jit
 @triton.jit
 def merge_lse_kernel(M, S, Out, n_parts, B, BLOCK: tl.constexpr):
     """``Out[j] = ln 2 * log2 sum_p S[p, j] 2^M[p, j]``: partial base-2 maxima and sums merged
@@ -195,6 +198,7 @@ def _merge_base2(m: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- backward
 
 
+@fast_jit
 @triton.jit
 def clip_chunk_grad_kernel(
     R, stride_r, G, stride_g, Scale, LseRow, LseCol, GRow, GCol, GDiag, OutScale, DS, stride_ds,

@@ -28,6 +28,7 @@ import triton.language as tl
 
 from fused_xent.kernels import config
 from fused_xent.kernels.class_chunked import _addmm_fp32, _mm_fp32
+from fused_xent.kernels.launch import fast_jit
 from fused_xent.kernels.tiles import logit_tile
 
 #: Bytes of the ``dz`` strip the backward holds at once. Each strip reads and writes the fp32
@@ -35,6 +36,7 @@ from fused_xent.kernels.tiles import logit_tile
 STRIP_BYTES = 64 * 2**20
 
 
+@fast_jit
 @triton.jit
 def clip_xent_forward_kernel(
     X,
@@ -147,6 +149,7 @@ def clip_xent_forward(x: torch.Tensor, y: torch.Tensor, scale: torch.Tensor):
     return _merge_lse(rows[0], rows[1]), _merge_lse(col_m, col_s), rows[2].sum(dim=0)
 
 
+@fast_jit
 @triton.jit
 def clip_xent_backward_kernel(
     X,

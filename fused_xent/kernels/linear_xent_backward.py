@@ -17,9 +17,11 @@ import triton
 import triton.language as tl
 
 from fused_xent.kernels import config
+from fused_xent.kernels.launch import fast_jit
 from fused_xent.kernels.tiles import logit_tile, target_args, target_tile
 
 
+@fast_jit
 @triton.jit
 def linear_xent_backward_kernel(
     X,

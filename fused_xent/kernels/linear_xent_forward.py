@@ -21,9 +21,11 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from fused_xent.kernels import config
+from fused_xent.kernels.launch import fast_jit
 from fused_xent.kernels.tiles import logit_epilogue, logit_tile, raw_tile_tma, target_args, target_tile
 
 
+@fast_jit
 @triton.jit
 def linear_xent_forward_kernel(
     X,

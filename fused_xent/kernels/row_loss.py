@@ -21,11 +21,13 @@ import triton
 import triton.language as tl
 
 from fused_xent.formulation import RowTargets
+from fused_xent.kernels.launch import fast_jit
 
 #: Rows per step of the one program that reduces, and per program of the coefficients.
 _BLOCK = 2048
 
 
+@fast_jit
 @triton.jit
 def reduced_loss_kernel(Lse, Lin, LseCoef, ZL, RowWeight, Loss, Divisor, N, MEAN: tl.constexpr,
                         BLOCK: tl.constexpr):  # fmt: skip
@@ -68,6 +70,7 @@ def reduced_loss(
     return loss, divisor
 
 
+@fast_jit
 @triton.jit
 def loss_grad_coefs_kernel(
     G, Divisor, Lse, LseCoef, ZL, K1, K2, E, Dn, Cp, K1s, K2s, Es, Ds, N, MEAN: tl.constexpr, HAS_HARD: tl.constexpr,

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from fused_xent.kernels import config
+from fused_xent.kernels.launch import fast_jit
 
 #: Elements per program and iteration.
 _BLOCK = 4096
@@ -38,6 +39,7 @@ def _scale_range(X, n, g, BLOCK: tl.constexpr):
         tl.store(X + offs, out, mask=mask)
 
 
+@fast_jit
 @triton.jit
 def scale_in_place_kernel(X0, n0, X1, n1, X2, n2, X3, n3, G, BLOCK: tl.constexpr):
     """``Xk[:nk] *= G[0]`` for the four tensors (an unused slot has ``nk = 0``) unless

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from fused_xent.formulation import RowTargets, XentOptions
+from fused_xent.kernels.launch import fast_jit
 
 #: Rows per program.
 _BLOCK = 1024
@@ -37,6 +38,7 @@ def _label(t, mask, keep, keep_f, C, CW, HAS_WEIGHT: tl.constexpr):
     return valid, a, bad, tl.where(keep & mask, t, 0)
 
 
+@fast_jit
 @triton.jit
 def row_targets_kernel(
     T, T2, Lam, CW, ASum, Y1, K1, Y2, K2, E, LseCoef, ZL, RowWeight, Summary, N, C, ignore_index,
