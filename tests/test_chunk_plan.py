@@ -84,7 +84,7 @@ def test_dw_ranges_cover_the_classes_and_fit_in_dw(C, cc, logit_bytes, dw_bytes)
     [
         (torch.bfloat16, dict(), [1000, 3]),  # the one-pass recompute at D = 64
         (torch.float32, dict(label_smoothing=0.1, ignore=3), [1000, 3]),
-        (torch.float16, dict(dense=True), [512, 488, 3]),  # fp32 logits, over fp16 dW's bytes in the backward
+        (torch.float16, dict(dense=True), [512, 496]),  # fp32 logits, over fp16 dW's bytes in the backward
         (torch.float32, dict(reduction="sum"), [1000, 3]),
     ],
 )
@@ -94,8 +94,9 @@ def test_lean_chunks_in_spare_bytes_keep_the_gradients(dtype, opts, forward, chu
     # the backward's logits of its first chunks in dW's rows past them
     assert chunks["forward"] == forward
     per_class = 64 * (2 if dtype == torch.bfloat16 else 4)
-    expected = class_chunked._dw_ranges(1003, 128, per_class, 64 * torch.empty((), dtype=dtype).element_size())
-    assert chunks["backward"] == [c1 - c0 for c0, c1 in expected]
+    ranges = class_chunked._dw_ranges(1003, 128, per_class, 64 * torch.empty((), dtype=dtype).element_size())
+    expected = class_chunked._owned_ranges(ranges, 128)  # the last chunk takes the tail of 3
+    assert chunks["backward"] == [c1 - c0 for c0, c1, _ in expected] and len(expected) == len(ranges) - 1
     assert chunks["dw"] == [w for w in chunks["backward"] if w > 128] and chunks["dw"]
 
 
@@ -105,7 +106,7 @@ def test_lean_forward_without_dw_keeps_its_chunk(chunks):
     x, w, _, y, _ = make_problem(64, 64, 1003, torch.bfloat16, seed=3)
     x.requires_grad_()
     linear_cross_entropy(x, w, y, impl="lean").backward()
-    assert chunks["forward"] == [128] * 7 + [104, 3]
+    assert chunks["forward"] == [128] * 7 + [112]  # the last 104 and the tail of 3 as one, from class 891
     assert chunks["backward"] == chunks["forward"] and not chunks["dw"]
 
 
@@ -164,7 +165,9 @@ def test_filtered_bound_is_its_definition_per_chunk():
     lse, _, bound = class_chunked.class_chunked_forward_bounded(
         x, w, None, torch.ones(1), rt, opts, chunk_bytes=300 * N * 4
     )
-    starts = [0, 128, 384, 640, 896, 1000]  # the first chunk, four of 256 columns, the tail of 3
+    # the first chunk, three of 256 columns, then one of 112 that takes the tail of 3 and the 5
+    # classes before it (_owned_ranges): its bound is over the lse of classes [0, 891)
+    starts = [0, 128, 384, 640, 891]
     z = x.double() @ w.double().T
     lse64 = torch.logsumexp(z, 1)
     assert torch.allclose(lse.double(), lse64, rtol=0, atol=1e-5)
@@ -173,3 +176,55 @@ def test_filtered_bound_is_its_definition_per_chunk():
         before = torch.logsumexp(z[:, :c0], 1)
         want = (z[:, c0:c1] - before[:, None]).amax(0) - (lse64 - before).amin()
         torch.testing.assert_close(bound[c0:c1].double(), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "C,cc,merged",
+    [(301, 128, True), (1003, 128, True), (21841, 11008, True), (1003, 1000, False), (21841, 10920, False),
+     (263, 128, False), (131, 128, False), (7, 128, False), (1000, 128, False)],
+)  # fmt: skip
+def test_owned_ranges_count_every_class_once(C, cc, merged):
+    """The last chunk takes the tail where it fits in the buffer and a chunk comes before it
+    (``merged``); otherwise the ranges stay ``_chunk_ranges``'. Either way every class is owned
+    by one chunk, a chunk's classes past what it owns are the next chunk's first, and every chunk
+    but a tail is a multiple of 8 wide and fits in the buffer."""
+    ranges = class_chunked._chunk_ranges(C, cc)
+    owned = class_chunked._owned_ranges(ranges, cc)
+    assert (len(owned) == len(ranges) - 1) == merged
+    assert merged or owned == [(c0, c1, c1 - c0) for c0, c1 in ranges]
+    counts = torch.zeros(C, dtype=torch.int64)
+    for (c0, c1, own), nxt in zip(owned, owned[1:] + [None], strict=True):
+        counts[c0 : c0 + own] += 1
+        assert 0 < own <= c1 - c0 <= cc
+        assert (c1 - c0) % 8 == 0 or (c0 == C - C % 8 and not merged)
+        assert own == c1 - c0 or nxt[0] == c0 + own
+    assert (counts == 1).all() and owned[-1][1] == C
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale", [None, 1.3])
+def test_classes_the_last_chunk_takes_get_their_gradients(dtype, scale, monkeypatch):
+    """C = 301 over a 128-class buffer: the last chunk is classes [205, 301), the one before it
+    [104, 208) owning [104, 205). Rows labelled 205-207 (counted by the last chunk only), with a
+    bias, smoothing and a scale (with one, the backward keeps the buffer's chunks; without one, it
+    writes dW from its GEMMs): loss and every gradient of float64's, the bias gradient included
+    (the chunk before writes those classes' dW rows and bias entries as zero first)."""
+    monkeypatch.setattr(class_chunked, "CHUNK_BYTES", 1)
+    monkeypatch.setattr(class_chunked, "MIN_CHUNK_COLS", 128)
+    x, w, b, y, _ = make_problem(48, 32, 301, dtype, bias=True, seed=11)
+    y[:12] = torch.tensor([205, 206, 207] * 4)
+    s = None if scale is None else torch.tensor(scale, dtype=torch.float64)
+
+    def grads(dt, impl):
+        leaves = [t.detach().to(dt).requires_grad_() for t in (x, w, b)]
+        loss = linear_cross_entropy(
+            leaves[0], leaves[1], y, linear_bias=leaves[2], label_smoothing=0.1, impl=impl,
+            scale=None if s is None else s.to(dt),
+        )  # fmt: skip
+        return [loss, *torch.autograd.grad(loss, leaves)]
+
+    got, want = grads(dtype, "lean"), grads(torch.float64, "reference")
+    bound = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b_ in zip(("loss", "dx", "dw", "db"), got, want, strict=True):
+        assert rel_err(a, b_) < bound, (name, rel_err(a, b_))
+    assert want[3][205:208].abs().min() > 0  # the classes the last chunk takes have a gradient to get right

@@ -18,7 +18,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 #: Smoothing puts eps_s / C on every class: it stays below the threshold (finfo.eps / 32 is
 #: 2**-12 for bf16, 2**-15 for fp16), or every class of every row would be kept.
 SMOOTHING = {torch.float32: 0.0, torch.bfloat16: 0.05, torch.float16: 0.005}
-C = 300  # chunks of 128, 128, 40 and 4 classes (see small_chunks)
+C = 300  # chunks of 128, 128 and 48 classes, the last from class 252 (see small_chunks, _owned_ranges)
 
 
 @pytest.fixture(autouse=True)
@@ -190,11 +190,10 @@ def test_peaked_logits_drop_only_insignificant_classes(dtype, reduction, chunk_l
     s = torch.tensor(1.25, dtype=dtype)
     dropped = check_against_reference(x, w, b, y, s, eps, reduction, SMOOTHING[dtype])
     assert dropped.any() and not dropped.all()
-    # the three paths ran: a dense chunk, a gathered one (of a width not a multiple of 8),
-    # and chunks with nothing kept
+    # two of the three paths ran: a dense chunk and a gathered one (of a width not a multiple
+    # of 8); the third, a chunk with nothing kept: test_chunks_with_nothing_kept
     assert any(k > width // 2 for width, k in chunk_log), chunk_log
     assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
-    assert any(k == 0 for _, k in chunk_log), chunk_log
 
 
 def test_large_threshold_drops_whole_contributions(monkeypatch, chunk_log):
@@ -206,6 +205,18 @@ def test_large_threshold_drops_whole_contributions(monkeypatch, chunk_log):
     dropped = check_against_reference(x, w, b, y, torch.tensor(3.0), eps, "mean")
     assert dropped.any() and not dropped.all()
     assert any(0 < k <= width // 2 and k % 8 for width, k in chunk_log), chunk_log
+
+
+def test_chunks_with_nothing_kept(chunk_log):
+    """Classes [128, 300) far below every row's mass (bias -40) and nobody's target: the chunks
+    over them keep nothing (no GEMM; their dW rows zero) and the gradients stay float64's."""
+    x, w, b, y, _ = random_problem(torch.float32)
+    b = b.clone()
+    b[128:] -= 40.0
+    y = torch.where(y == -100, y, y % 128)
+    dropped = check_against_reference(x, w, b, y, torch.tensor(1.0), torch.finfo(torch.float32).eps / 32, "mean")
+    assert dropped[128:].all() and not dropped.all()
+    assert [k for _, k in chunk_log][1:] == [0, 0], chunk_log
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

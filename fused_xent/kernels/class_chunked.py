@@ -243,7 +243,7 @@ def chunk_stats_kernel(
 @triton.jit
 def chunk_grad_kernel(
     R, stride_rn, DU, stride_un, Bias, Scale, ColScale, Y1, K1, Y2, K2, E, Dn, A, T, LSE, CP, DB, stride_db,
-    Keep, Cols, ROWS, COEF, ZL, G, N, Cc, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
+    Keep, Cols, ROWS, COEF, ZL, G, N, Cc, Cw, c0, cols_per_program, stride_tn, stride_tc, softcap, filter_eps,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_COL_SCALE: tl.constexpr, HAS_HARD: tl.constexpr,
     HAS_Y2: tl.constexpr, HAS_DENSE: tl.constexpr, HAS_WEIGHT: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, WITH_STATS: tl.constexpr, GATHERED: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -271,7 +271,11 @@ def chunk_grad_kernel(
     With ``GATHERED`` column ``j`` of R is class ``Cols[j]`` (int64) instead of ``c0 + j``.
 
     With ``HAS_COL_SCALE`` (see ``chunk_stats_kernel``; no WITH_STATS, GATHERED, FILTER or db)
-    the stored dU is ``dU_ij * ColScale[j]``: the GEMMs after it then take W as it is in memory."""
+    the stored dU is ``dU_ij * ColScale[j]``: the GEMMs after it then take W as it is in memory.
+
+    Columns ``[Cc, Cw)`` are written as 0 (dU and the bias partials): classes of the chunk that
+    the next chunk owns (``_owned_ranges``), so that the GEMMs over the whole chunk add nothing
+    for them."""
     first_row = tl.program_id(0).to(tl.int64) * (ROW_BLOCKS * BLOCK_N)
     rows = first_row + tl.arange(0, BLOCK_N)
     row_mask = rows < N
@@ -310,9 +314,10 @@ def chunk_grad_kernel(
         g = tl.where(kept, tl.load(G), 0.0)
         cp = g * (coef + 2.0 * zl * lse)
     col_start = tl.program_id(1) * cols_per_program
-    for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cc), BLOCK_C):
+    for j0 in range(col_start, tl.minimum(col_start + cols_per_program, Cw), BLOCK_C):
         local = j0 + tl.arange(0, BLOCK_C)
         col_mask = local < Cc
+        written = local < Cw
         if GATHERED:
             cols = tl.load(Cols + local, mask=col_mask, other=0)
         else:
@@ -349,9 +354,10 @@ def chunk_grad_kernel(
                 tl.atomic_max(flags, ones, mask=big & (du != 0.0) & (seen == 0)[None, :], sem="relaxed")
             du = _col_scaled(du, ColScale, cols, col_mask, HAS_COL_SCALE)
             tl.debug_barrier()  # every thread has read the tile before any thread overwrites it
-            tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty), mask=mask)
+            tl.store(DU + rows[:, None] * stride_un + local[None, :], du.to(DU.dtype.element_ty),
+                     mask=row_mask[:, None] & written[None, :])  # fmt: skip
         if COMPUTE_DB:  # one partial row per program, summed in a fixed order afterwards
-            tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(db_acc, axis=0), mask=col_mask)
+            tl.store(DB + tl.program_id(0) * stride_db + local, tl.sum(db_acc, axis=0), mask=written)
 
 
 #: Up to this many features lean's backward recomputes a bf16 chunk's products and writes its dU
@@ -541,6 +547,30 @@ def _chunk_ranges(C: int, cc: int) -> list[tuple[int, int]]:
     return ranges + ([(aligned, C)] if aligned < C else [])
 
 
+def _owned_ranges(ranges: list[tuple[int, int]], cc: int) -> list[tuple[int, int, int]]:
+    """``ranges`` (``_chunk_ranges``' or ``_dw_ranges``') as ``(c0, c1, own)``, the chunk's
+    classes ``[c0, c1)`` of which the first ``own`` are its own, without a tail chunk where
+    one can go: the last aligned chunk and the tail of fewer than 8 classes become one chunk
+    that ends at C, 8 classes wider than the aligned one (if that fits in ``cc``, the buffer),
+    so it starts up to 7 classes inside the chunk before, which leaves those to it.
+
+    The tail chunk cost five small launches in the backward and two in the forward (a gemv,
+    the kernel, the bias sum, two GEMMs of one column); an odd-width chunk instead would take
+    cuBLAS's slow kernels (``benchmarks/NOTES.md``, session 15). A class is counted once: the
+    chunk before skips it in its stats and writes it a zero dU (``chunk_grad_kernel``'s
+    ``Cw``), so its dW row and bias entry are zero until the owning chunk, which runs after
+    it, writes them."""
+    owned = [(c0, c1, c1 - c0) for c0, c1 in ranges]
+    if len(ranges) < 3 or ranges[-1][1] - ranges[-1][0] >= 8:
+        return owned
+    (p0, _, _), (a0, _, _), (_, C, _) = owned[-3:]
+    width = C - a0 + 8 - (C - a0) % 8
+    if width > cc or C - width < p0:
+        return owned
+    start = C - width
+    return owned[:-3] + [(p0, a0, start - p0), (start, C, width)]
+
+
 def _raw_products(x, w_chunk, out):
     """``out = x @ w_chunk.T``, accumulated in fp32 and stored in ``out``'s dtype."""
     if out.dtype == x.dtype:
@@ -603,11 +633,12 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
     col_tile = dict(COL_MAX_TILE)
     rows_per_program = col_tile.pop("rows_per_program")
     tile_n, tile_c = col_tile["BLOCK_N"], col_tile["BLOCK_C"]
+    owned = _owned_ranges(ranges, buf.shape[1])
     if bound:
         col_max = torch.full((C,), float("-inf"), device=x.device)
         col_max[: ranges[0][1]] = float("inf")
-        lse_before = torch.empty((len(ranges), N), device=x.device)
-    for k, (c0, c1) in enumerate(ranges):
+        lse_before = torch.empty((len(owned), N), device=x.device)
+    for k, (c0, c1, own) in enumerate(owned):
         raw = buf[:, : c1 - c0]
         _raw_products(x, w[c0:c1], raw)
         col_max_now = bound and k > 0  # the first chunk's bound is +inf
@@ -619,10 +650,10 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
         grid = n_row_blocks + (n_col_blocks * triton.cdiv(N, row_span) if col_max_now else 0)
         chunk_stats_kernel[(grid,)](
             raw, raw.stride(0), b if b is not None else x, scale, *pointers, lse, s, lin,
-            lse_before[k + 1] if bound and k + 1 < len(ranges) else lse, lse_before[k] if col_max_now else lse,
-            col_max if bound else lse, N, c1 - c0, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
+            lse_before[k + 1] if bound and k + 1 < len(owned) else lse, lse_before[k] if col_max_now else lse,
+            col_max if bound else lse, N, own, c0, *t_strides, opts.softcap or 1.0, n_row_blocks, n_col_blocks,
             row_span or 0, NEED_LIN=need_lin, HAS_SMOOTHING=opts.label_smoothing != 0,
-            STORE_LSE=bound and k + 1 < len(ranges), COL_MAX=col_max_now, FIRST=k == 0, LAST=k + 1 == len(ranges),
+            STORE_LSE=bound and k + 1 < len(owned), COL_MAX=col_max_now, FIRST=k == 0, LAST=k + 1 == len(owned),
             **flags, **stats_tile, COL_BLOCK_N=tile_n, COL_BLOCK_C=tile_c,
         )  # fmt: skip
     if not bound:
@@ -632,8 +663,8 @@ def _forward(x, w, b, scale, rt, opts, need_lin, chunk_bytes, bound, col_scale=N
     first, wide = ranges[0][1], buf.shape[1]  # chunk k > 0 starts at first + (k - 1) wide
     classes = torch.arange(C, device=x.device)
     chunk_of = torch.where(classes < first, 0, 1 + (classes - first) // wide)
-    if C % 8:  # the tail of fewer than 8 classes is a chunk of its own
-        chunk_of[C - C % 8 :] = len(ranges) - 1
+    # the last chunk: a tail of fewer than 8 classes, or the chunk that took it (_owned_ranges)
+    chunk_of[owned[-1][0] :] = len(owned) - 1
     return lse, lin, col_max - gain[chunk_of]
 
 
@@ -864,13 +895,14 @@ def _backward(x, w, b, scale, lse, cp, rt_g, opts, need_dx, need_dw, need_db, fi
         ranges = _dw_ranges(C, cc, N * bufs[0].element_size(), D * w.element_size())
     else:
         ranges = _chunk_ranges(C, cc)
-    for i, (c0, c1) in enumerate(ranges):
+    # filtering flags nonzero dU only: the classes a chunk leaves to the next are never flagged there
+    for i, (c0, c1, own) in enumerate(_owned_ranges(ranges, cc)):
         width = c1 - c0
         if filtering:
             keep.zero_()
         buf = bufs[i % len(bufs)] if width <= cc else _dw_tail(dw, c1, N, width, bufs[0].dtype)
         du = _recompute_du(x, w[c0:c1], buf, b, scale, lse, cp, kargs, opts, c0, db_part=db_part,
-                           keep=keep if filtering else None, filter_eps=filter_eps)  # fmt: skip
+                           keep=keep if filtering else None, filter_eps=filter_eps, own=own)  # fmt: skip
         if need_db:
             torch.sum(db_part[:, : c1 - c0], 0, out=db[c0:c1])
         if not filtering:
@@ -944,15 +976,17 @@ def _db_part_rows(N: int) -> int:
 
 
 def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db_part=None, keep=None,
-                  filter_eps=None):  # fmt: skip
+                  filter_eps=None, own=None):  # fmt: skip
     """dU of one chunk of classes, recomputed into ``buf`` and written over it: ``w_k`` holds
     W's rows of classes ``[c0, c0 + k)``, or of the gathered classes ``cols`` followed by
     zero rows (``_gathered_rows``), whose dU columns come out zero. ``db_part`` receives the
-    per-program partial bias sums, ``keep`` the filter's flags (see ``chunk_grad_kernel``)."""
+    per-program partial bias sums, ``keep`` the filter's flags (see ``chunk_grad_kernel``).
+    ``own``: the chunk's first ``own`` classes are its own, the rest's dU columns come out zero
+    (``_owned_ranges``)."""
     N, rows, cc = x.shape[0], w_k.shape[0], buf.shape[1]
     width = rows if cols is None else cols.numel()
     raw = buf[:, :rows]
-    if _one_pass(x, w_k, buf, cols, db_part, keep, kargs):
+    if (own is None or own == rows) and _one_pass(x, w_k, buf, cols, db_part, keep, kargs):
         _fused_du(x, w_k, raw, b, scale, lse, cp, kargs, c0, opts)
         return raw
     _raw_products(x, w_k, raw)
@@ -967,8 +1001,8 @@ def _recompute_du(x, w_k, buf, b, scale, lse, cp, kargs, opts, c0, cols=None, db
     chunk_grad_kernel[(triton.cdiv(N, _GRAD_BLOCK_N * row_blocks), col_split)](
         raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse, cp,
         db_part if db_part is not None else lse, db_part.stride(0) if db_part is not None else 0,
-        keep if keep is not None else lse, cols if cols is not None else lse, lse, lse, lse, lse, N, width,
-        c0, cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
+        keep if keep is not None else lse, cols if cols is not None else lse, lse, lse, lse, lse, N,
+        width if own is None else own, width, c0, cols_per_program, *t_strides, opts.softcap or 1.0, filter_eps or 0.0,
         COMPUTE_DB=db_part is not None, FILTER=keep is not None, WITH_STATS=False, GATHERED=cols is not None,
         **flags, BLOCK_N=_GRAD_BLOCK_N, BLOCK_C=256, ROW_BLOCKS=row_blocks, num_warps=8,
     )  # fmt: skip

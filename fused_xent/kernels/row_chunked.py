@@ -177,7 +177,7 @@ def row_chunked_loss_grads(
         lse_c, loss_c = (lse, loss_rows) if whole else (lse[r0:r1], loss_rows[r0:r1])
         chunk_grad_kernel[(triton.cdiv(n, tile_n),)](
             raw, raw.stride(0), du, du.stride(0), b if b is not None else x, scale, *pointers, lse_c, lse_c,
-            lse_c, 0, lse_c, lse_c, loss_c, rt_c.lse_coef, rt_c.zl, g, n, C, 0, C, *t_strides, softcap, 0.0,
+            lse_c, 0, lse_c, lse_c, loss_c, rt_c.lse_coef, rt_c.zl, g, n, C, C, 0, C, *t_strides, softcap, 0.0,
             COMPUTE_DB=False, FILTER=False, WITH_STATS=True, GATHERED=False, HAS_SMOOTHING=opts.label_smoothing != 0,
             **flags, BLOCK_N=tile_n, BLOCK_C=tile_c, num_warps=8,
         )  # fmt: skip
