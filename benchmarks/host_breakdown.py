@@ -24,7 +24,7 @@ from triton.runtime.jit import JITFunction
 import fused_xent
 from fused_xent import functional
 from fused_xent.bench import CASES, host_time, make_inputs
-from fused_xent.kernels import class_chunked, row_chunked
+from fused_xent.kernels import class_chunked, launch, row_chunked
 
 case = CASES[os.environ.get("HOST_CASE", "vit21k")]
 x, w, y, b = make_inputs(case, "cuda", torch.bfloat16)
@@ -68,6 +68,18 @@ def _wrap_launches() -> None:
             COUNT[label] += 1
 
     JITFunction.run = timed
+    fast_run = launch.FastKernel.run
+
+    def timed_fast(self, grid, args, kwargs):
+        t0 = time.perf_counter_ns()
+        try:
+            return fast_run(self, grid, args, kwargs)
+        finally:
+            label = f"launch {self.fn.fn.__name__} (cached path)"
+            TOTAL[label] += time.perf_counter_ns() - t0
+            COUNT[label] += 1
+
+    launch.FastKernel.run = timed_fast
 
 
 def step(spec: str) -> None:
@@ -92,8 +104,6 @@ def toggle(specs: list[str], rounds: int = 8) -> None:
     """The host's time per fw+bw and do_bench's fw+bw time with the cached Triton launches
     (``kernels.launch``) off and on, alternating in this one process: medians over ``rounds``
     (host: 50 calls each)."""
-    from fused_xent.kernels import launch
-
     for s in specs:
         host = {False: [], True: []}
         bench = {False: [], True: []}

@@ -188,7 +188,7 @@ def _backward_impl(
         grads = _BACKENDS[backend]().backward(x, w, b, scale, lse, cp, rt, opts, need_dx, need_dw, need_db, **extra)
     wide = reference.compute_dtype(x.dtype)
     return tuple(
-        g.to(dtype) if g is not None else x.new_empty((0,), dtype=dtype)
+        (g if g.dtype == dtype else g.to(dtype)) if g is not None else x.new_empty((0,), dtype=dtype)
         for g, dtype in zip(grads, (wide, w.dtype, wide), strict=True)
     )
 

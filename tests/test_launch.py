@@ -27,23 +27,32 @@ def _copy_shifted(X, Y, n, shift, step, SCALE: tl.constexpr, FLAG: tl.constexpr 
     tl.store(Y + offs, v, mask=mask)
 
 
+def _key(args: tuple):
+    return arg_key(args)[0]
+
+
 def test_key_separates_what_triton_specialises():
     t = torch.zeros(64)
     keys = [
-        arg_key((t,)),
-        arg_key((t[1:],)),  # 4-byte offset: not 16-byte aligned
-        arg_key((t.to(torch.float16),)),
-        arg_key((1,)),
-        arg_key((True,)),
-        arg_key((1.0,)),
-        arg_key((16,)),
-        arg_key((17,)),
-        arg_key((2**31,)),
-        arg_key((None,)),
+        _key((t,)),
+        _key((t[1:],)),  # 4-byte offset: not 16-byte aligned
+        _key((t.to(torch.float16),)),
+        _key((1,)),
+        _key((True,)),
+        _key((1.0,)),
+        _key((16,)),
+        _key((17,)),
+        _key((2**31,)),
+        _key((None,)),
     ]
     assert len(set(keys)) == len(keys)
-    assert arg_key((t[4:],)) == arg_key((t,))  # 16-byte offset: the same specialisation
-    assert arg_key((object(),)) is None  # another kind of argument: Triton's own path
+    assert _key((t[4:],)) == _key((t,))  # 16-byte offset: the same specialisation
+    assert _key((object(),)) is None  # another kind of argument: Triton's own path
+
+
+def test_launch_values_pass_addresses_for_tensors():
+    t = torch.zeros(64)
+    assert arg_key((t[4:], 3, None, 0.5))[1] == [t[4:].data_ptr(), 3, None, 0.5]
 
 
 def test_tail_orders_keywords_and_defaults_as_the_signature():
@@ -103,3 +112,7 @@ def test_cached_launches_equal_tritons():
             torch.testing.assert_close(y[:n], expected, rtol=0, atol=0, msg=f"round {round_}, n={n}")
             assert torch.isnan(y[n:]).all()
     assert len(kernel._cache) == len(cases)
+    # a CPU tensor where a cached key had a GPU one: Triton's path, which refuses it (the cached
+    # launch would hand the kernel a host address)
+    with pytest.raises(ValueError, match="cpu tensor"):
+        kernel[(1,)](x.cpu(), torch.empty(1000, device="cuda"), 1000, 0.5, 1, SCALE=2.0)

@@ -10,7 +10,8 @@ that way, more than their GPU time on a small head (``benchmarks/host_breakdown.
 through Triton (compiling if needed) and later ones call the compiled launcher directly.
 The key refines Triton's own specialisation, so it never picks a kernel Triton would not:
 
-- a tensor: its dtype and whether its address is a multiple of 16 (Triton: the same two);
+- a tensor: its dtype and whether its address is a multiple of 16 (Triton: the same two), and
+  whether it is on the GPU (the cached launch passes its address, unchecked);
 - an int, float, bool or None: its type and value (Triton: the type, an int's width, whether
   it is 1 or a multiple of 16: all functions of the value);
 - the keyword arguments (constexprs and launch options) by value, the current device and
@@ -61,18 +62,26 @@ def _hooked() -> bool:
     )
 
 
-def arg_key(args: tuple) -> tuple | None:
-    """The part of the key from the positional arguments (see the module docstring), None
-    for an argument of another kind."""
-    key = []
+def arg_key(args: tuple) -> tuple[tuple | None, list]:
+    """The part of the key from the positional arguments (see the module docstring), and the
+    values the compiled launcher gets for them: a tensor's address instead of the tensor
+    (Triton's C launcher then skips its ``data_ptr`` call and its ``cuPointerGetAttribute``
+    check per pointer). A tensor's key holds ``is_cuda``, so a CPU tensor never reaches the
+    launcher as an address: it takes Triton's path, which refuses it. ``(None, [])`` for an
+    argument of another kind."""
+    key: list = []
+    values: list = []
     for a in args:
         if isinstance(a, torch.Tensor):
-            key += (a.dtype, a.data_ptr() % 16 == 0)
+            ptr = a.data_ptr()
+            key.append((a.dtype, a.is_cuda, ptr % 16 == 0))
+            values.append(ptr)
         elif a is None or isinstance(a, (int, float)):  # bool is an int: its type keeps it apart
-            key += (type(a), a)
+            key.append((type(a), a))
+            values.append(a)
         else:
-            return None
-    return tuple(key)
+            return None, []
+    return tuple(key), values
 
 
 class FastKernel:
@@ -94,7 +103,7 @@ class FastKernel:
         """Launch on ``grid`` (a tuple of 1-3 ints); returns the compiled kernel."""
         if not (_enabled() and type(grid) is tuple) or _hooked():
             return self.fn[grid](*args, **kwargs)
-        key = arg_key(args)
+        key, values = arg_key(args)
         if key is None or knobs.runtime.debug:
             return self.fn[grid](*args, **kwargs)
         device = torch.cuda.current_device()
@@ -115,7 +124,7 @@ class FastKernel:
         compiled.run(
             grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1,
             driver.active.get_current_stream(device), compiled.function, compiled.packed_metadata, None, None, None,
-            *args, *tail,
+            *values, *tail,
         )  # fmt: skip
         return compiled
 
