@@ -5,7 +5,10 @@ One code path for every family, through the model's public pieces only:
 - the model's own ``forward`` runs with ``labels=None`` and ``logits_to_keep`` set to no
   position (or one position, on the first call, to check the head; see below), so the head
   projects nothing; a forward hook on ``model.base_model`` keeps its last hidden state
-  ``h`` (B, T, D);
+  ``h`` (B, T, D). A forward that calls the base model's ``decoder`` directly (OPT's) is
+  taken through a hook there, when that forward's loss is ``self.loss_function`` and it is
+  ``ForCausalLMLoss``; the BART family's ``*ForCausalLM`` also call their decoder directly but
+  take an unshifted ``CrossEntropyLoss``, and are refused;
 - the head is ``model.get_output_embeddings()``: weight W (V, D), tied or not, bias b or None;
 - the logits transformers would form are ``z = softcap(s * (h @ W.T + b))`` with
   ``softcap`` from ``config.final_logit_softcapping`` (Gemma 2 and later) and the scale ``s``
@@ -237,8 +240,14 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     if h is None:
         raise ValueError(
             f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward, "
-            "so fused_xent finds no hidden states to take the loss from (OPT's and the BART family's "
-            "*ForCausalLM call their decoder directly; the BART family's own loss is also not shifted)"
+            "so fused_xent finds no hidden states to take the loss from"
+        )
+    if capture.from_decoder and not capture.shifted_loss:
+        raise ValueError(
+            f"{type(model).__name__}.forward calls its decoder directly and its loss is not "
+            "self.loss_function's ForCausalLMLoss (the BART family's *ForCausalLM take an unshifted "
+            "CrossEntropyLoss on the labels as given), so fused_xent's shifted loss would differ from "
+            "model(..., labels).loss; call fused_xent.linear_cross_entropy on its decoder's hidden states instead"
         )
     if tuple(h.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
@@ -274,18 +283,25 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
 
 
 class _HiddenStateCapture:
-    """The forward hook on ``model.base_model`` that keeps its last hidden state while armed
-    (one call of :func:`_fused_forward`) and does nothing otherwise; also records that the
-    model's head passed :func:`_check_head`."""
+    """The forward hooks on ``model.base_model`` and on its ``decoder`` (where it has one) that
+    keep the last hidden state while armed (one call of :func:`_fused_forward`) and do nothing
+    otherwise: the base model's, which runs after its decoder, wins; ``from_decoder`` says the
+    base model did not run. Also records that the model's head passed :func:`_check_head`."""
 
     def __init__(self) -> None:
         self.armed = False
         self.hidden: torch.Tensor | None = None
+        self.from_decoder = False
         self.head_checked = False
+        #: ``_shifted_loss_function`` of the model, read once (eagerly: it reads source code)
+        self.shifted_loss = False
 
-    def __call__(self, module, args, out) -> None:
-        if self.armed:
-            self.hidden = _last_hidden_state(out)
+    def hook(self, from_decoder: bool):
+        def capture(module, args, out) -> None:
+            if self.armed:
+                self.hidden, self.from_decoder = _last_hidden_state(out), from_decoder
+
+        return capture
 
 
 def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapture:
@@ -303,9 +319,25 @@ def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapt
         )
     if capture is None:
         capture = _HiddenStateCapture()
-        base.register_forward_hook(capture)
+        capture.shifted_loss = _shifted_loss_function(model)
+        decoder = getattr(base, "decoder", None)
+        if isinstance(decoder, nn.Module) and decoder is not base:
+            decoder.register_forward_hook(capture.hook(from_decoder=True))
+        base.register_forward_hook(capture.hook(from_decoder=False))
         model.__dict__[_CAPTURE] = capture
     return capture
+
+
+def _shifted_loss_function(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes its loss from ``self.loss_function`` and that is
+    transformers' ``ForCausalLMLoss`` (the loss this module computes): OPT's is."""
+    try:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        source = inspect.getsource(type(model).forward)
+    except (ImportError, OSError, TypeError):
+        return False
+    return "self.loss_function(" in source and getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
 def _shift(labels, shift_labels) -> torch.Tensor:
