@@ -51,8 +51,15 @@ CONFIGS = {
     "granite": lambda: transformers.GraniteConfig(**_COMMON, logits_scaling=0.25),
     # its forward calls model.decoder directly (the base model never runs); its loss is ForCausalLMLoss
     "opt": lambda: transformers.OPTConfig(
-        vocab_size=V, hidden_size=D, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=D,
-        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0,
+        vocab_size=V,
+        hidden_size=D,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        word_embed_proj_dim=D,
+        max_position_embeddings=64,
+        dropout=0.0,
+        attention_dropout=0.0,
     ),  # fmt: skip
     # base_model is the model itself (its base_model_prefix names no attribute): the hook goes on .model
     "llama4_text": lambda: transformers.Llama4TextConfig(
