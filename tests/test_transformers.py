@@ -60,7 +60,7 @@ CONFIGS = {
         max_position_embeddings=64,
         dropout=0.0,
         attention_dropout=0.0,
-    ),  # fmt: skip
+    ),
     # base_model is the model itself (its base_model_prefix names no attribute): the hook goes on .model
     "llama4_text": lambda: transformers.Llama4TextConfig(
         **_COMMON, intermediate_size_mlp=48, head_dim=8, num_local_experts=2
