@@ -842,6 +842,11 @@ def _check_class_weight(weight, C, device):
         raise ValueError(f"weight must be a float tensor of shape ({C},), got {_describe(weight)}")
     if weight.device != device:
         raise ValueError(f"weight is on {weight.device} but input is on {device}")
+    if weight.requires_grad and torch.is_grad_enabled():  # as torch's cross_entropy: no gradient flows to it
+        raise RuntimeError(
+            "weight (the class weights) requires grad, but the loss is not differentiable with respect to it, "
+            "as in torch.nn.functional.cross_entropy; pass weight.detach()"
+        )
     return weight.detach().contiguous()
 
 

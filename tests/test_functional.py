@@ -310,6 +310,7 @@ BAD_INPUTS = [
     (dict(y=torch.zeros(8, dtype=torch.bool)), TypeError, "target must be"),
     (dict(kw=dict(linear_bias=torch.randn(10))), ValueError, "linear_bias must have shape"),
     (dict(kw=dict(weight=torch.rand(12))), ValueError, "weight must be"),
+    (dict(kw=dict(weight=torch.rand(11, requires_grad=True))), RuntimeError, "weight (the class weights) requires"),
     (dict(kw=dict(reduction="avg")), ValueError, "reduction must be"),
     (dict(kw=dict(label_smoothing=1.5)), ValueError, "label_smoothing"),
     (dict(kw=dict(label_smoothing=-0.1)), ValueError, "label_smoothing"),

@@ -223,7 +223,18 @@ def test_largest_scale_allowed_is_exact(impl, s, m):
         (dict(target=torch.tensor([0, 1, 2, 11])), "outside"),
         (dict(target=torch.zeros(4)), "target"),
         (dict(impl="fast"), "impl='fast'"),
+        (dict(impl="lin"), "impl must be one of"),
         (dict(memory_budget=-1), "memory_budget"),
+        (dict(target=torch.tensor([True, False, True, False])), "target must hold integer"),
+        (dict(input=torch.ones(4, 8, dtype=torch.int64)), "input must be a float tensor"),
+        (
+            dict(input=torch.randn(4, 0, dtype=torch.float64), linear_weight=torch.randn(11, 0, dtype=torch.float64)),
+            "at least one feature",
+        ),
+        (dict(ignore_index=2.5), "ignore_index"),
+        (dict(ignore_index=True), "ignore_index"),
+        (dict(s=True), "s must be a finite float"),
+        (dict(m1=True), "m1 must be a finite float"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):
@@ -233,6 +244,37 @@ def test_bad_input_names_the_argument(kwargs, match):
     opts = {k: v for k, v in kwargs.items() if k not in args}
     with pytest.raises((ValueError, TypeError), match=match):
         margin_cross_entropy(args["input"], args["linear_weight"], args["target"], **opts)
+
+
+def test_head_refuses_bad_options_when_built():
+    for kwargs, match in ((dict(s=-1.0), "s must be > 0"), (dict(impl="fast"), "impl='fast'"),
+                          (dict(ignore_index="x"), "ignore_index")):  # fmt: skip
+        with pytest.raises((ValueError, TypeError), match=match):
+            MarginHead(8, 11, **kwargs)
+
+
+@pytest.mark.parametrize("impl", ["reference", "lean"])
+def test_integer_targets_of_any_width_and_no_ignore_index(impl):
+    """int32 / uint8 targets give the int64 result; ``ignore_index=None`` keeps every row."""
+    x, w, y = problem(6, 8, 11, dtype=torch.float32)
+    want = margin_cross_entropy(x, w, y, impl=impl)
+    for dtype in (torch.int32, torch.uint8):
+        torch.testing.assert_close(margin_cross_entropy(x, w, y.to(dtype), impl=impl), want, rtol=0, atol=0)
+    torch.testing.assert_close(margin_cross_entropy(x, w, y, ignore_index=None, impl=impl), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layout", ["column-major", "column stride 2"])
+def test_lean_weight_gradient_of_a_non_contiguous_weight(layout):
+    """The in-kernel-norm path (lean; "auto" on CUDA) gives W's gradient for a weight that is
+    not row-major contiguous (a transposed parameter, a strided view): its tangent pass reads
+    and writes W's rows densely."""
+    x, w, y = problem(12, 8, 37, dtype=torch.float32, seed=3, spread=0.8)
+    w = w.T.contiguous().T if layout == "column-major" else torch.stack([w, w], dim=2).reshape(37, 16)[:, ::2]
+    assert not w.is_contiguous() and torch.equal(w, problem(12, 8, 37, dtype=torch.float32, seed=3)[1])
+    fused = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=32.0, impl="lean"), x, w)
+    ref = loss_and_grads(lambda a, b: reference(a, b, y, s=32.0, m=MARGINS["arcface"]), x.double(), w.double())
+    for f, r in zip(fused, ref, strict=True):
+        assert rel_err(f, r) < 1e-5
 
 
 @pytest.mark.gpu

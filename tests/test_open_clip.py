@@ -275,6 +275,22 @@ def test_lean_clip_loss_matches_open_clip(monkeypatch, with_bias):
     _assert_close(ours, ref, rtol=2e-6, bias_atol=1e-6)
 
 
+@needs_open_clip
+@needs_interpreter
+@pytest.mark.parametrize("impl", ["lean", "triton", "chunked"])
+@pytest.mark.parametrize("scale", [0.0, 1e-39, 1e-44])
+def test_scale_gradient_at_zero_and_subnormal_scales(impl, scale):
+    """``logit_scale`` 0 or subnormal in fp32: the scale's gradient is open_clip's (lean's
+    kernel once summed the stored ``dz * scale`` and divided by the scale: NaN at 0, 0.29
+    instead of 0.45 at 1e-44)."""
+    images, texts, _, _ = _features(9, 5, torch.float32, seed=21)
+    tensors = (images, texts, torch.tensor(scale))
+    ours = _loss_and_grads(fused.FusedClipLoss(impl=impl), tensors)
+    ref = _loss_and_grads(open_clip_loss.ClipLoss(), tuple(t.double() for t in tensors))
+    assert abs(ours[0].item() - ref[0].item()) <= 1e-6 * ref[0].item()
+    assert abs(ours[1][2].item() - ref[1][2].item()) <= 1e-5 * abs(ref[1][2].item())
+
+
 @needs_interpreter
 def test_lean_clip_loss_compiles_fullgraph(monkeypatch):
     """The custom ops take the backend by name: "lean" compiles without a graph break."""
@@ -449,6 +465,10 @@ def test_training_entry_point_patches_create_loss():
         assert isinstance(open_clip.create_loss(args), fused.FusedClipLoss)
         args.siglip = True
         assert isinstance(open_clip.create_loss(args), fused.FusedSigLipLoss)
+        args.horovod = True  # open_clip's create_loss refuses SigLIP with horovod too
+        with pytest.raises(ValueError, match="--horovod is not supported with --siglip"):
+            open_clip.create_loss(args)
+        args.horovod = False
         args.model = "coca_ViT-B-32"
         assert isinstance(open_clip.create_loss(args), open_clip.loss.CoCaLoss)
     assert open_clip.create_loss is open_clip.factory.create_loss

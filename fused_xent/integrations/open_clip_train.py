@@ -28,6 +28,8 @@ def fused_create_loss(args, original=None):
             original = open_clip.factory.create_loss
         return original(args)
     if args.siglip:
+        if getattr(args, "horovod", False):  # as open_clip's own create_loss refuses it
+            raise ValueError("--horovod is not supported with --siglip (open_clip's SigLipLoss has no horovod path)")
         return FusedSigLipLoss(rank=args.rank, world_size=args.world_size, dist_impl=args.loss_dist_impl)
     return FusedClipLoss(
         local_loss=args.local_loss,
@@ -67,7 +69,13 @@ def patched() -> Iterator[None]:
 
 def main(argv: list[str] | None = None):
     """Run ``open_clip_train.main.main(argv)`` with the fused losses."""
-    import open_clip_train.main
+    try:
+        import open_clip_train.main
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(
+            f"open_clip's training entry point needs its training packages ({e.name} is missing): "
+            'pip install "fused_xent[clip-train]" (open_clip_torch[training])'
+        ) from e
 
     with patched():
         return open_clip_train.main.main(sys.argv[1:] if argv is None else argv)

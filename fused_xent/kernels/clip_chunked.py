@@ -207,8 +207,10 @@ def clip_chunk_grad_kernel(
 ):  # fmt: skip
     """``dz * out_scale`` of one tile (global rows ``r0 + [0, n_rows)``, columns ``c0 + [0,
     width)``), written over R in G's dtype. Program (i, j) covers row block i and the tile's
-    columns ``[j * cols_per_program, ...)``; it adds its ``sum dz R * out_scale`` to its own
-    slot ``DS[i, j]`` (a fixed order over tiles, summed in a fixed order afterwards).
+    columns ``[j * cols_per_program, ...)``; it adds its ``sum dz R`` to its own slot
+    ``DS[i, j]`` (a fixed order over tiles, summed in a fixed order afterwards). That sum is of
+    dz itself, not of the stored ``dz * out_scale``: dividing it by ``out_scale`` afterwards
+    gave NaN at a zero scale and lost the sum at subnormal ones.
     In place: a block is read whole before it is written; when dz is narrower than R (fp16 over
     fp32) one program owns whole rows, so its writes land only on bytes it has already read.
     The upstream gradients may be strided (stride 0: autograd's expanded ones). ``EVEN``: no
@@ -220,8 +222,8 @@ def clip_chunk_grad_kernel(
     scale2 = tl.load(Scale).to(tl.float32) * 1.4426950408889634
     out_scale = tl.load(OutScale)
     lse_r = tl.load(LseRow + rows, mask=row_mask, other=0.0) * 1.4426950408889634
-    g_r = tl.load(GRow + rows * stride_grow, mask=row_mask, other=0.0) * out_scale
-    g_d = tl.load(GDiag + rows * stride_gdiag, mask=row_mask, other=0.0) * out_scale
+    g_r = tl.load(GRow + rows * stride_grow, mask=row_mask, other=0.0)
+    g_d = tl.load(GDiag + rows * stride_gdiag, mask=row_mask, other=0.0)
     ds = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
     col_start = tl.program_id(1) * cols_per_program
     col_end = tl.minimum(col_start + cols_per_program, width)
@@ -237,11 +239,12 @@ def clip_chunk_grad_kernel(
             r = tl.load(R + offsets, mask=valid, other=0.0).to(tl.float32)
         z2 = r * scale2
         lse_c = tl.load(LseCol + cols, mask=col_mask, other=0.0) * 1.4426950408889634
-        g_c = tl.load(GCol + cols * stride_gcol, mask=col_mask, other=0.0) * out_scale
+        g_c = tl.load(GCol + cols * stride_gcol, mask=col_mask, other=0.0)
         dz = g_r[:, None] * tl.exp2(z2 - lse_r[:, None]) + g_c[None, :] * tl.exp2(z2 - lse_c[None, :])
         if (r0 + local_row0 < c0 + j0 + BLOCK_C) & (c0 + j0 < r0 + local_row0 + BLOCK_N):  # meets i == j
             dz += tl.where(rows[:, None] == cols[None, :], g_d[:, None], 0.0)
         ds += dz * r  # masked entries have r = 0
+        dz = dz * out_scale
         tl.debug_barrier()  # every thread has read the block before any thread overwrites it
         out = G + local_rows[:, None].to(tl.int64) * stride_g + local[None, :]
         if EVEN:
@@ -325,7 +328,7 @@ def clip_chunked_backward(x, y, scale, lse_row, lse_col, g_row, g_col, g_diag):
     else:
         dx = torch.empty_like(x)
         _finish(dx_acc, post, dx)
-    return dx, dy, (ds_part.sum() / out_scale).reshape(1)
+    return dx, dy, ds_part.sum().reshape(1)
 
 
 def _finish(acc: torch.Tensor, post, out: torch.Tensor) -> None:
