@@ -552,6 +552,11 @@ def linear_cross_entropy(
         impl = "reference"
     batch_shape = input.shape[:-1]
     dense = target.is_floating_point() if isinstance(target, torch.Tensor) else False
+    if dense and ignore_index not in (None, -100):  # torch refuses it too; -100 is the default of both
+        raise ValueError(
+            f"ignore_index={ignore_index} does not apply to class-probability targets (a float target), "
+            "as in torch.nn.functional.cross_entropy; leave it at its default"
+        )
     t = _check_target(target, batch_shape, C, x.device, dense)
     t2, lam_rows = _check_mixup(target2, lam, target, batch_shape, dense, x.device)
     class_weight = _check_class_weight(weight, C, x.device)
@@ -888,7 +893,8 @@ def _report_target_range(summary: torch.Tensor, C: int, ignore_index) -> None:
         return
     host = _FREE_PINNED.pop() if _FREE_PINNED and _FREE_PINNED[-1].shape == summary.shape else None
     if host is None:
-        host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
+        with torch.inference_mode(False):  # reused by later calls, which may write it outside inference_mode
+            host = torch.empty(summary.shape, dtype=summary.dtype, pin_memory=True)
     host.copy_(summary, non_blocking=True)
     event = torch.cuda.Event()
     event.record()
@@ -919,6 +925,11 @@ def _raise_if_bad(summary: list[int], C: int, ignore_index, deferred: bool) -> N
     for name, lo, hi in zip(names, summary[0:4:2], summary[1:4:2], strict=True):
         if lo < 0 or hi >= C:
             value = lo if lo < 0 else hi
+            if name == "target2":  # target's ignore_index decides which rows count, for both labels
+                raise ValueError(
+                    f"target2 contains {value} on a row that target keeps (not ignore_index={ignore_index}); "
+                    f"target2 must lie in [0, {C}) on every such row{when}"
+                )
             raise ValueError(f"{name} contains {value}, outside [0, {C}) and not ignore_index={ignore_index}{when}")
     if len(summary) > 4 and summary[4]:
         raise ValueError(f"lam must lie in [0, 1] on every row{when}")
@@ -934,7 +945,8 @@ def _check_scale(scale, device, dtype) -> torch.Tensor:
             return torch.ones(1, device=device, dtype=dtype)  # a graph's fill runs only when it replays
         key = (device, dtype)
         if key not in _UNIT_SCALES:
-            _UNIT_SCALES[key] = torch.ones(1, device=device, dtype=dtype)
+            with torch.inference_mode(False):  # a tensor made under inference_mode could not be saved later
+                _UNIT_SCALES[key] = torch.ones(1, device=device, dtype=dtype)
         return _UNIT_SCALES[key]
     if isinstance(scale, numbers.Real):
         return torch.full((1,), float(scale), device=device, dtype=dtype)

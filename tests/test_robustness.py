@@ -116,3 +116,20 @@ def test_no_features(impl):
         assert a.shape == r.shape
         torch.testing.assert_close(a, r)
     torch.testing.assert_close(linear_cross_entropy(x, w, y, impl=impl), torch.tensor(C, device=DEVICE).log())
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_call_under_inference_mode_leaves_later_training_calls_alone(impl, monkeypatch):
+    """An evaluation pass under ``torch.inference_mode()`` (Lightning's sanity check) before the
+    first training call: the caches it fills (the unit scale) must hold normal tensors, which
+    a later training call saves for its backward."""
+    from fused_xent import functional
+
+    monkeypatch.setattr(functional, "_UNIT_SCALES", {})  # the inference-mode call is the first to fill it
+    x, w = _leaves(3)
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    with torch.inference_mode():
+        evaluated = linear_cross_entropy(x, w, y, impl=impl)
+    loss = linear_cross_entropy(x, w, y, impl=impl)
+    loss.backward()
+    assert torch.allclose(loss.detach(), evaluated) and x.grad is not None and w.grad is not None

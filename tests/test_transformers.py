@@ -213,10 +213,24 @@ def test_patched_model_outputs():
     assert_rel_close(out.loss, ref.loss.double(), RTOL_OWN)
 
     tup = model(ids, None, mask, labels=labels, return_dict=False)
+    ref_tup = plain(ids, None, mask, labels=labels, return_dict=False)
     assert isinstance(tup, tuple) and torch.equal(tup[0], out.loss)
+    # the model's own layout: the logits' slot kept (None), every later field at its index
+    assert len(tup) == len(ref_tup) and tup[1] is None and type(tup[2]) is type(ref_tup[2])
 
     unpatch_model(model)
     assert model(input_ids=ids, labels=labels).logits.shape == (B, T, V)
+
+
+def test_hidden_states_in_another_dtype_than_the_head():
+    """A bf16 Mamba's base model returns fp32 hidden states (``residual_in_fp32``) and its forward
+    casts them to the head's dtype: the head check and the loss take the head's dtype too."""
+    torch.manual_seed(0)
+    config = transformers.MambaConfig(vocab_size=V, hidden_size=D, num_hidden_layers=2, state_size=4)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(torch.bfloat16)
+    ids, labels, _ = batch()
+    own = model(input_ids=ids, labels=labels).loss
+    assert_rel_close(causal_lm_loss(model, ids, labels).double(), own.double(), 1e-2)  # bf16 logits in its own
 
 
 def test_bad_models_raise_clear_errors():

@@ -27,6 +27,7 @@ outside the loss) and must run eagerly; later calls compile with
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 from dataclasses import dataclass
@@ -63,7 +64,8 @@ class LMHead:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``softcap(scale * (h @ weight.T + bias))`` in fp32 (fp64 for fp64), materialised:
         (..., D) -> (..., V). For the head check only."""
-        z = nn.functional.linear(h, self.weight, self.bias)
+        h, w, b = _head_operands(h, LMHead(self.weight, self.bias, 1.0, None))  # the loss's operands (Mamba: fp32 h)
+        z = nn.functional.linear(h, w, b)
         z = z.double() if z.dtype == torch.float64 else z.float()
         z = z * self.scale
         return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
@@ -278,8 +280,15 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     fields = {k: v for k, v in output.items() if k != "logits"}
     output = type(output)(**{**fields, "loss": loss})
     if user_return_dict is False or (user_return_dict is None and not getattr(model.config, "return_dict", True)):
-        output = output.to_tuple()
+        output = _as_tuple(output)
     return output, loss
+
+
+def _as_tuple(output) -> tuple:
+    """``output.to_tuple()`` with None where the logits would be: to_tuple drops None fields, and
+    the model's own tuple has its logits there, so every later field keeps its index."""
+    names = [f.name for f in dataclasses.fields(output)] if dataclasses.is_dataclass(output) else list(output)
+    return tuple(None if name == "logits" else output[name] for name in names if name == "logits" or name in output)
 
 
 class _HiddenStateCapture:
