@@ -203,6 +203,107 @@ def test_pre_logits_wrapper_keeps_state_dict_and_eval_logits():
     assert loss_fn.classifier is m.get_classifier()
 
 
+class _TinyHead(nn.Module):
+    """A timm-like model: features (N, 6) -> ``extra`` -> fc, ``aux`` optionally added to the logits."""
+
+    def __init__(self, extra: nn.Module | None = None, aux: bool = False) -> None:
+        super().__init__()
+        self.stem, self.extra, self.fc = nn.Linear(5, 6), extra or nn.Identity(), nn.Linear(6, 7)
+        self.aux = nn.Linear(6, 7) if aux else None
+
+    def forward_features(self, x):
+        return self.stem(x)
+
+    def forward_head(self, x, pre_logits: bool = False):
+        if pre_logits:
+            return x
+        out = self.fc(self.extra(x))
+        return out + 0.5 * self.aux(x) if self.aux is not None else out
+
+    def get_classifier(self):
+        return self.fc
+
+
+@pytest.mark.parametrize(
+    "extra, aux, match",
+    [
+        (nn.BatchNorm1d(6), False, "transforms the pre-logits"),  # EfficientViT-M, SHViT
+        (nn.Dropout(0.3), False, "transforms the pre-logits"),  # MViTv2 with drop_rate
+        (None, True, "not its classifier's output"),  # VOLO's aux head
+    ],
+)
+def test_pre_logits_refuses_a_head_the_fused_loss_would_skip(extra, aux, match):
+    torch.manual_seed(0)
+    m = _TinyHead(extra, aux).train()
+    stats = [b.clone() for b in m.buffers()]
+    with pytest.raises(ValueError, match=match):
+        PreLogits(m)(torch.randn(8, 5))
+    assert all(torch.equal(b, s) for b, s in zip(m.buffers(), stats, strict=True))  # the check left them alone
+    assert PreLogits(m).eval()(torch.randn(3, 5)).shape == (3, 7)  # evaluation: the model's own logits
+
+
+def test_pre_logits_checks_a_plain_head_once_without_touching_the_generator():
+    torch.manual_seed(0)
+    m = _TinyHead(nn.Identity()).train()
+    wrapped = PreLogits(m)
+    x = torch.randn(4, 5)
+    state = torch.get_rng_state()
+    out = wrapped(x)
+    assert torch.equal(torch.get_rng_state(), state)  # training randomness is the plain model's
+    torch.testing.assert_close(out, m.stem(x), rtol=0, atol=0)
+    assert wrapped.__dict__["_checked"] is m.fc and "_checked" not in dict(wrapped.named_modules())
+
+
+def test_sparse_mixup_for_another_class_count_is_refused():
+    """timm's Mixup + SoftTargetCrossEntropy fail when Mixup's num_classes is not the head's;
+    the fused loss must not train on eps / C of the wrong C instead."""
+    head = nn.Linear(8, 10)
+    mix = SparseMixup(mixup_alpha=0.8, label_smoothing=0.1, num_classes=1000)
+    _, target = mix(torch.randn(4, 3, 8, 8), torch.tensor([1, 2, 3, 4]))
+    y, y2, lam, eps = target  # it still unpacks as four values
+    with pytest.raises(ValueError, match="num_classes=1000 but the classifier has 10"):
+        FusedHeadLoss(head)(torch.randn(4, 8), target)
+    FusedHeadLoss(head)(torch.randn(4, 8), MixedTarget(y, y2, lam, eps))  # no count recorded: runs
+
+
+def test_two_heads_are_refused_clearly():
+    heads = (nn.Linear(4, 3), nn.Linear(4, 3))  # a distilled model's get_classifier()
+    with pytest.raises(TypeError, match="tuple of 2 heads"):
+        FusedHeadLoss(heads)
+    m = _TinyHead()
+    m.get_classifier = lambda: heads
+    with pytest.raises(TypeError, match="tuple of 2 heads"):
+        PreLogits(m).train()(torch.randn(2, 5))
+
+
+def test_a_replaced_head_is_refused_not_trained_stale():
+    m = timm.create_model("test_vit", pretrained=False, img_size=32)
+    loss_fn = FusedHeadLoss.from_model(PreLogits(m))
+    m.reset_classifier(10)
+    with pytest.raises(RuntimeError, match="reset_classifier"):
+        loss_fn(torch.randn(2, m.num_features), torch.tensor([1, 2]))
+
+
+def test_pre_logits_keeps_the_models_training_api():
+    """timm's optimizer factory on the wrapper groups as on the model: no weight decay on the
+    model's own list, layer decay from its group_matcher; the attributes train.py reads."""
+    from timm.optim import create_optimizer_v2
+
+    m = timm.create_model("test_vit", pretrained=False, img_size=32)
+    wrapped = PreLogits(m)
+    assert wrapped.num_classes == m.num_classes and wrapped.pretrained_cfg is m.pretrained_cfg
+    wrapped.set_grad_checkpointing(True)
+    assert m.grad_checkpointing
+
+    def groups(module):
+        opt = create_optimizer_v2(module, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.75)
+        return sorted((g["weight_decay"], g.get("lr_scale", 1.0), sorted(id(p) for p in g["params"]))
+                      for g in opt.param_groups)  # fmt: skip
+
+    assert groups(wrapped) == groups(m)
+    assert len({lr for _, lr, _ in groups(m)}) > 2  # the layer decay made several groups
+
+
 def test_pre_logits_state_dict_round_trips_nested():
     """Inside a parent module (DDP, torch.compile and the task hold it so) the keys are the
     parent's prefix and the model's own keys, and they load back."""

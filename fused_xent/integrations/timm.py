@@ -21,7 +21,9 @@ model so that ``model(x)`` returns pre-logits while training and logits in eval 
 
 from __future__ import annotations
 
+import functools
 import numbers
+import weakref
 from typing import NamedTuple
 
 import torch
@@ -39,7 +41,7 @@ try:
 except ImportError:  # timm < 1.0.20 has no training tasks
     _TimmClassificationTask = None
 
-__all__ = ["FusedHeadLoss", "MixedTarget", "PreLogits", "classifier_parameters"]
+__all__ = ["FusedHeadLoss", "MixedTarget", "PreLogits", "check_head", "classifier_parameters"]
 
 
 class MixedTarget(NamedTuple):
@@ -57,9 +59,16 @@ class MixedTarget(NamedTuple):
     def dense(self, num_classes: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The (N, C) target timm's ``Mixup`` would have returned (timm's is fp32)."""
         eps = self.label_smoothing
-        lam = self.lam if isinstance(self.lam, numbers.Real) else self.lam.to(dtype)[:, None]
+        lam = self.lam if isinstance(self.lam, numbers.Real) else self.lam.to(dtype).reshape(-1, 1)  # 0-d: one
         onehot = lambda t: nn.functional.one_hot(t.long(), num_classes).to(dtype)
         return (1.0 - eps) * (lam * onehot(self.y) + (1.0 - lam) * onehot(self.y2)) + eps / num_classes
+
+
+class _MixupTarget(MixedTarget):
+    """A :class:`MixedTarget` from :class:`SparseMixup`, which also records the Mixup's
+    ``num_classes`` (an attribute: it still unpacks as four values)."""
+
+    num_classes: int | None = None
 
 
 def classifier_parameters(classifier: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -79,8 +88,13 @@ def classifier_parameters(classifier: nn.Module) -> tuple[torch.Tensor, torch.Te
                 f"groups={classifier.groups}"
             )
         return classifier.weight.flatten(1), classifier.bias
+    if isinstance(classifier, (tuple, list, nn.ModuleList)):
+        raise TypeError(
+            f"classifier is a {type(classifier).__name__} of {len(classifier)} heads (a distilled or two-head "
+            "model's get_classifier()): the fused loss takes one nn.Linear or 1x1 nn.Conv2d classifier"
+        )
     raise TypeError(
-        f"classifier must be nn.Linear or a 1x1 nn.Conv2d (what timm's get_classifier() returns), "
+        f"classifier must be nn.Linear or a 1x1 nn.Conv2d (what most timm models' get_classifier() returns), "
         f"got {type(classifier).__name__}"
     )
 
@@ -115,6 +129,7 @@ class FusedHeadLoss(nn.Module):
         if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
         self.classifier = classifier
+        self._model: weakref.ref | None = None  # the model of from_model
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.ignore_index = ignore_index
@@ -126,7 +141,9 @@ class FusedHeadLoss(nn.Module):
         model = model.model if isinstance(model, PreLogits) else model
         if not hasattr(model, "get_classifier"):
             raise TypeError(f"model must be a timm model with get_classifier(), got {type(model).__name__}")
-        return cls(model.get_classifier(), label_smoothing, **kwargs)
+        loss = cls(model.get_classifier(), label_smoothing, **kwargs)
+        loss._model = weakref.ref(model)  # to notice a head replaced later (reset_classifier)
+        return loss
 
     def forward(
         self,
@@ -138,12 +155,25 @@ class FusedHeadLoss(nn.Module):
         """Loss of ``pre_logits`` (N, D) (or (N, D, 1, 1) for a conv head) against ``target``:
         (N,) class indices, (N, C) probabilities, or a :class:`MixedTarget`; ``target2`` (N,)
         and ``lam`` (float or (N,)) give Mixup / CutMix as two labels and a weight."""
+        model = self._model() if self._model is not None else None
+        if model is not None and model.get_classifier() is not self.classifier:
+            raise RuntimeError(
+                f"{type(model).__name__}.get_classifier() is no longer the classifier this loss was built on "
+                "(reset_classifier?): the loss would train the old head; build it again with FusedHeadLoss.from_model"
+            )
         weight, bias = classifier_parameters(self.classifier)
         x = _flatten_pre_logits(pre_logits, weight.shape[1])
         eps = self.label_smoothing
         if isinstance(target, MixedTarget):
             if target2 is not None or lam is not None:
                 raise ValueError("target is a MixedTarget, which holds target2 and lam already; pass neither")
+            made_for = getattr(target, "num_classes", None)
+            if made_for is not None and made_for != weight.shape[0]:
+                raise ValueError(
+                    f"the Mixup made this target for num_classes={made_for} but the classifier has "
+                    f"{weight.shape[0]} classes (timm's Mixup + SoftTargetCrossEntropy fail on this too); set "
+                    "SparseMixup(num_classes=...) to the model's"
+                )
             target, target2, lam, eps = target.y, target.y2, target.lam, target.label_smoothing
         elif isinstance(target, torch.Tensor) and target.is_floating_point():
             eps = 0.0
@@ -210,12 +240,95 @@ class PreLogits(nn.Module):
         self.register_load_state_dict_pre_hook(_add_model_prefix)
 
     def forward(self, x: torch.Tensor, pre_logits: bool | None = None) -> torch.Tensor:
-        """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C)."""
+        """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C).
+        The first pre-logits call for a classifier checks that the model's logits are that
+        classifier applied to them (:func:`check_head`)."""
         features = self.model.forward_features(x)
-        return self.model.forward_head(features, pre_logits=self.training if pre_logits is None else pre_logits)
+        pre_logits = self.training if pre_logits is None else pre_logits
+        classifier = self.model.get_classifier()
+        if pre_logits and self.__dict__.get("_checked") is not classifier and not torch.compiler.is_compiling():
+            check_head(self.model, features)
+            self.__dict__["_checked"] = classifier  # in __dict__: not a submodule, not in the state dict
+        return self.model.forward_head(features, pre_logits=pre_logits)
 
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()
+
+    def __getattr__(self, name: str):
+        """The wrapped model's attributes (``num_classes``, ``pretrained_cfg``,
+        ``set_grad_checkpointing``, ...), so that training code written for a timm model
+        finds them; ``no_weight_decay`` and ``group_matcher`` (timm's optimizer factory) name
+        this module's parameters, which carry a ``model.`` prefix."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+        if name == "no_weight_decay" and hasattr(model, name):
+            return lambda: {f"model.{n}" for n in model.no_weight_decay()}
+        if name == "group_matcher" and hasattr(model, name):
+            return functools.partial(_prefixed_group_matcher, model)
+        return getattr(model, name)
+
+
+def check_head(model: nn.Module, features: torch.Tensor) -> None:
+    """Raise unless ``model.forward_head(features)`` is ``model.get_classifier()`` applied to
+    ``model.forward_head(features, pre_logits=True)``: the fused loss takes those pre-logits
+    and that classifier only, so a head that normalises or drops out after the pre-logits
+    (EfficientViT's BatchNorm1d, MViTv2's head dropout) or adds a second head (VOLO's aux
+    head, distilled models) would train on a different loss.
+
+    Up to 4 rows of ``features``, in the model's current mode, the random generators forked
+    and seeded alike for both calls (dropout before the pre-logits draws the same masks); the
+    buffers (BatchNorm statistics) are restored afterwards. The classifier's input in the
+    logits call must equal the pre-logits bit for bit, and the logits its output."""
+    classifier = model.get_classifier()
+    classifier_parameters(classifier)  # one Linear or 1x1 Conv2d, else a clear error
+    rows = features[:4] if features.shape[0] > 1 else features
+    buffers = [(b, b.clone()) for b in model.buffers()]
+    seen: list[torch.Tensor] = []
+    hook = classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    devices = [rows.device] if rows.is_cuda else []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(0)
+            pre = model.forward_head(rows, pre_logits=True)
+            seen.clear()
+            torch.manual_seed(0)
+            logits = model.forward_head(rows)
+            hook.remove()
+            direct = classifier(seen[0]) if len(seen) == 1 else None
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
+    name = type(model).__name__
+    if len(seen) != 1:
+        raise ValueError(
+            f"{name}.forward_head calls get_classifier() {len(seen)} times; the fused loss needs one "
+            f"classifier on the pre-logits (models with two heads, such as distilled ones, are not supported)"
+        )
+    if seen[0].numel() != pre.numel() or not torch.equal(seen[0].reshape(pre.shape), pre):
+        raise ValueError(
+            f"{name}'s head transforms the pre-logits before its classifier (a norm or dropout after the "
+            "pre-logits point), which the fused loss would skip; it cannot take this model's head"
+        )
+    if logits.numel() != direct.numel() or not torch.equal(logits.reshape(direct.shape), direct):
+        raise ValueError(
+            f"{name}'s logits are not its classifier's output (a second head or a transform after it), "
+            "which the fused loss would skip; it cannot take this model's head"
+        )
+
+
+def _prefixed_group_matcher(model: nn.Module, coarse: bool = False):
+    """``model.group_matcher`` for the names ``PreLogits`` gives its parameters: each name with
+    its ``model.`` prefix goes to the layer the wrapped model's matcher gives it."""
+    from timm.models import group_parameters
+
+    layer_of = group_parameters(model, model.group_matcher(coarse=coarse), reverse=True)
+    return lambda name: layer_of.get(name.removeprefix("model."), float("inf"))
 
 
 def _drop_model_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
@@ -262,7 +375,9 @@ if _TimmMixup is not None:
                 lam = self._mix_pair(x)[:, 0]
             else:
                 lam = float(self._mix_batch(x))
-            return x, MixedTarget(target, target.flip(0), lam, float(self.label_smoothing))
+            mixed = _MixupTarget(target, target.flip(0), lam, float(self.label_smoothing))
+            mixed.num_classes = self.num_classes
+            return x, mixed
 
     __all__.append("SparseMixup")
 
