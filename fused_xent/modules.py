@@ -81,6 +81,7 @@ class LinearCrossEntropyLoss(nn.Module):
         return (
             f"reduction={self.reduction!r}, ignore_index={self.ignore_index}, "
             f"label_smoothing={self.label_smoothing}, scale={self.scale}, softcap={self.softcap}, "
-            f"z_loss={self.z_loss}, impl={self.impl!r}, deterministic={self.deterministic}, "
-            f"memory_budget={self.memory_budget}"
+            f"z_loss={self.z_loss}, return_lse={self.return_lse}, impl={self.impl!r}, "
+            f"deterministic={self.deterministic}, memory_budget={self.memory_budget}"
+            + (f", options={self.options!r}" if self.options is not None else "")
         )

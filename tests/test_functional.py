@@ -298,7 +298,7 @@ def test_module_matches_function():
     mod = fused_xent.LinearCrossEntropyLoss(cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
     fn = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, reduction="sum", label_smoothing=0.1, z_loss=1e-3)
     assert torch.equal(mod(x, w, y, b), fn)
-    assert "label_smoothing=0.1" in repr(mod)
+    assert "label_smoothing=0.1" in repr(mod) and "return_lse=False" in repr(mod)
 
 
 BAD_INPUTS = [
