@@ -133,3 +133,22 @@ def test_a_call_under_inference_mode_leaves_later_training_calls_alone(impl, mon
     loss = linear_cross_entropy(x, w, y, impl=impl)
     loss.backward()
     assert torch.allclose(loss.detach(), evaluated) and x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_a_transposed_16_bit_weight(impl):
+    """A (D, C) bf16 parameter used as ``w.T`` (column-major (C, D)) with a scale: "fast" kept
+    w's strides for dW and then viewed its bytes flat for the split fp32 accumulator (a
+    RuntimeError); every impl must give the float64 result to bf16 rounding."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(N, 16, generator=g).bfloat16().to(DEVICE).requires_grad_()
+    w_dc = (torch.randn(16, 21, generator=g) * 0.5).bfloat16().to(DEVICE).requires_grad_()
+    y = torch.randint(0, 21, (N,), generator=g).to(DEVICE)
+    scale = torch.tensor([1.5], device=DEVICE, requires_grad=True)
+    loss = linear_cross_entropy(x, w_dc.T, y, scale=scale, impl=impl)
+    got = (loss, *torch.autograd.grad(loss, (x, w_dc, scale)))
+    x64, w64, s64 = (t.detach().double().requires_grad_() for t in (x, w_dc, scale))
+    ref = F.cross_entropy(s64 * (x64 @ w64), y)
+    want = (ref, *torch.autograd.grad(ref, (x64, w64, s64)))
+    for a, b in zip(got, want, strict=True):
+        assert ((a.double() - b).norm() / b.norm()).item() < 2e-2

@@ -136,7 +136,8 @@ def row_chunked_loss_grads(
     dx_final = scale_is_one and not need_ds
     need_raw = need_dx or need_ds
     dx = torch.empty((N, D), device=dev, dtype=x.dtype if dx_final else torch.float32) if need_raw else None
-    dw = torch.empty_like(w) if need_dw else None
+    # row-major whatever w's layout (a transposed head): the split fp32 accumulator views its bytes flat
+    dw = torch.empty(w.shape, device=dev, dtype=w.dtype) if need_dw else None
     rows = min(rows, N)
     whole = rows == N  # one chunk: no slicing (each view is host time on small heads)
     # db in b's dtype (= x's, = dU's) straight from one column sum (fp32 inside, rounded once)
