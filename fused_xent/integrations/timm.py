@@ -296,11 +296,8 @@ def check_head(model: nn.Module, features: torch.Tensor) -> None:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
             pre = model.forward_head(rows, pre_logits=True)
-            seen.clear()
             torch.manual_seed(0)
             logits = model.forward_head(rows)
-            hook.remove()
-            direct = classifier(seen[0]) if len(seen) == 1 else None
     finally:
         hook.remove()
         with torch.no_grad():
@@ -317,6 +314,8 @@ def check_head(model: nn.Module, features: torch.Tensor) -> None:
             f"{name}'s head transforms the pre-logits before its classifier (a norm or dropout after the "
             "pre-logits point), which the fused loss would skip; it cannot take this model's head"
         )
+    with torch.no_grad():  # a Linear or 1x1 Conv2d: no randomness, no buffers
+        direct = classifier(seen[0])
     if logits.numel() != direct.numel() or not torch.equal(logits.reshape(direct.shape), direct):
         raise ValueError(
             f"{name}'s logits are not its classifier's output (a second head or a transform after it), "

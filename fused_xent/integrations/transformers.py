@@ -64,8 +64,9 @@ class LMHead:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """``softcap(scale * (h @ weight.T + bias))`` in fp32 (fp64 for fp64), materialised:
         (..., D) -> (..., V). For the head check only."""
-        h, w, b = _head_operands(h, LMHead(self.weight, self.bias, 1.0, None))  # the loss's operands (Mamba: fp32 h)
-        z = nn.functional.linear(h, w, b)
+        dtype = _operand_dtype(h, self.weight)  # the loss's (Mamba's hidden states are fp32)
+        b = None if self.bias is None else self.bias.to(dtype)
+        z = nn.functional.linear(h.to(dtype), self.weight.to(dtype), b)
         z = z.double() if z.dtype == torch.float64 else z.float()
         z = z * self.scale
         return z if self.softcap is None else self.softcap * torch.tanh(z / self.softcap)
@@ -287,7 +288,7 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
 def _as_tuple(output) -> tuple:
     """``output.to_tuple()`` with None where the logits would be: to_tuple drops None fields, and
     the model's own tuple has its logits there, so every later field keeps its index."""
-    names = [f.name for f in dataclasses.fields(output)] if dataclasses.is_dataclass(output) else list(output)
+    names = [f.name for f in dataclasses.fields(output)]  # a ModelOutput is a dataclass
     return tuple(None if name == "logits" else output[name] for name in names if name == "logits" or name in output)
 
 
@@ -297,13 +298,13 @@ class _HiddenStateCapture:
     otherwise: the base model's, which runs after its decoder, wins; ``from_decoder`` says the
     base model did not run. Also records that the model's head passed :func:`_check_head`."""
 
-    def __init__(self) -> None:
+    def __init__(self, shifted_loss: bool) -> None:
         self.armed = False
         self.hidden: torch.Tensor | None = None
         self.from_decoder = False
         self.head_checked = False
         #: ``_shifted_loss_function`` of the model, read once (eagerly: it reads source code)
-        self.shifted_loss = False
+        self.shifted_loss = shifted_loss
 
     def hook(self, from_decoder: bool):
         def capture(module, args, out) -> None:
@@ -327,8 +328,7 @@ def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapt
             "without torch.compile, then compile"
         )
     if capture is None:
-        capture = _HiddenStateCapture()
-        capture.shifted_loss = _shifted_loss_function(model)
+        capture = _HiddenStateCapture(_shifted_loss_function(model))
         decoder = getattr(base, "decoder", None)
         if isinstance(decoder, nn.Module) and decoder is not base:
             decoder.register_forward_hook(capture.hook(from_decoder=True))
@@ -358,14 +358,18 @@ def _shift(labels, shift_labels) -> torch.Tensor:
     return nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
 
 
+def _operand_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's ``nn.Linear`` computes in: autocast's when it is on, else the weight's."""
+    if torch.is_autocast_enabled(h.device.type):
+        return torch.get_autocast_dtype(h.device.type)
+    return weight.dtype
+
+
 def _head_operands(h: torch.Tensor, head: LMHead):
     """``(h, W, s * b)`` in the dtype the head's ``nn.Linear`` would compute in (autocast's
     when it is on, as for ``F.linear``); the bias folds the scale in, ``s * (hW + b) = s hW + s b``."""
     w, b = head.weight, head.bias
-    if torch.is_autocast_enabled(h.device.type):
-        dtype = torch.get_autocast_dtype(h.device.type)
-    else:
-        dtype = w.dtype
+    dtype = _operand_dtype(h, w)
     h, w = h.to(dtype), w.to(dtype)
     if b is not None:
         b = (b if head.scale == 1.0 else b * head.scale).to(dtype)
