@@ -167,6 +167,7 @@ def shard_row_targets(
     )
 
 
+@functional.on_input_device
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,

@@ -28,6 +28,29 @@ REDUCTIONS = ("mean", "sum", "none")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def on_input_device(fn: Callable) -> Callable:
+    """``fn`` run with the CUDA device of its first argument (a tensor) current.
+
+    Triton launches on the current device and stream, and ``torch.cuda.Event`` records there,
+    while torch's operators run on their tensors' own device. For tensors on another GPU than
+    the current one (a model moved to ``cuda:1`` without ``torch.cuda.set_device``) the Triton
+    kernels would run on the wrong device, unordered with the GEMMs beside them. A no-op on the
+    CPU, on the current device and while compiling (the compiled graph guards its device).
+    The backward needs no guard: autograd runs a CUDA node's backward on a thread whose current
+    device is that node's."""
+
+    @functools.wraps(fn)
+    def run(first, *args, **kwargs):
+        if isinstance(first, torch.Tensor) and first.is_cuda and not torch.compiler.is_compiling():
+            index = first.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return fn(first, *args, **kwargs)
+        return fn(first, *args, **kwargs)
+
+    return run
+
+
 @dataclass(frozen=True)
 class Backend:
     """A pair of functions with the signatures of the Triton launchers."""
@@ -431,6 +454,7 @@ def _linear_xent_rows(*args):
     return _EagerLinearXent.apply(*args)[:2]
 
 
+@on_input_device
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,

@@ -372,6 +372,31 @@ def test_siglip_low_precision_features():
         assert _rel(ours_g, exact_g) <= max(2 * _rel(eager_g, exact_g), 4 * torch.finfo(torch.bfloat16).eps)
 
 
+def _assert_same_logits(ours, theirs, tensors) -> None:
+    """open_clip's gathered (not local) logits add ``logit_bias`` in place to ``logits_per_image``
+    and then to ``logits_per_text``, its transpose (a view): the text side gets it twice (the
+    loss does not change: a shift shared by a row cancels). Its logits are compared without the
+    bias, the bias added here once to each."""
+    bias = tensors[3] if len(tensors) > 3 else 0.0
+    for out, ref in zip(ours.get_logits(*tensors), theirs.get_logits(*tensors[:3]), strict=True):
+        torch.testing.assert_close(out, ref + bias, rtol=0, atol=0)
+
+
+@needs_open_clip
+def test_get_logits_and_ground_truth_match_open_clip():
+    """Not used by the losses (which never form the logits): open_clip's helpers, for callers
+    of the loss object (in-batch retrieval metrics)."""
+    tensors = _features(7, 5, torch.float64, seed=13, scale=3.0, bias=-1.0)
+    _assert_same_logits(fused.FusedClipLoss(), open_clip_loss.ClipLoss(), tensors)
+    _assert_same_logits(fused.FusedClipLoss(), open_clip_loss.ClipLoss(), tensors[:3])
+    ours, theirs = fused.FusedSigLipLoss(), open_clip_loss.SigLipLoss()
+    for args in (tensors, tensors[:3]):
+        torch.testing.assert_close(ours.get_logits(*args), theirs.get_logits(*args), rtol=0, atol=0)
+    for negative_only in (False, True):
+        args = (torch.device("cpu"), torch.float32, 4, negative_only)
+        torch.testing.assert_close(ours.get_ground_truth(*args), theirs.get_ground_truth(*args), rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------ distributed (gloo, 2 and 3 processes)
 
 
@@ -397,6 +422,7 @@ def _distributed_worker(rank, world, port):
                 ours = _loss_and_grads(fused.FusedClipLoss(**options), tensors)
                 ref = _loss_and_grads(open_clip_loss.ClipLoss(**options), tensors)
                 _assert_close(ours, ref, rtol=1e-11, bias_atol=1e-13)
+                _assert_same_logits(fused.FusedClipLoss(**options), open_clip_loss.ClipLoss(**options), tensors)
         for dist_impl in fused.DIST_IMPLS:
             ours = _loss_and_grads(fused.FusedSigLipLoss(dist_impl=dist_impl, **ranks), tensors)
             ref = _loss_and_grads(open_clip_loss.SigLipLoss(dist_impl=dist_impl, **ranks), tensors)

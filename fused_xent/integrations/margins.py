@@ -55,6 +55,7 @@ from fused_xent.functional import (
     _lean_chunk_bytes,
     _spare_bytes,
     linear_cross_entropy,
+    on_input_device,
     refuse_create_graph,
 )
 from fused_xent.kernels.config import interpreting
@@ -189,6 +190,7 @@ def _row_chunks(rows: int, cols: int):
     return ((i, min(i + step, rows)) for i in range(0, rows, step))
 
 
+@on_input_device
 def margin_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,

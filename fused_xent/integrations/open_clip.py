@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_xent.distributed import gather_features
-from fused_xent.functional import linear_cross_entropy, refuse_create_graph
+from fused_xent.functional import linear_cross_entropy, on_input_device, refuse_create_graph
 from fused_xent.reference import chunk_rows, compute_dtype, matmul_wide
 
 IMPLS = ("auto", "lean", "triton", "chunked")
@@ -217,6 +217,7 @@ class _EagerClipLse(torch.autograd.Function):
         return _clip_lse_backward(ctx, g_row, g_col, g_diag, backward=_clip_backward_impl)
 
 
+@on_input_device
 def clip_lse(x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0, *, impl: str = "auto"):
     """Row and column log-sum-exp and diagonal of ``z = scale * x @ y.T``, without ``z``.
 
@@ -532,6 +533,27 @@ class FusedClipLoss(nn.Module):
             self.prev_num_logits = num_logits
         return labels
 
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None):
+        """open_clip's ``ClipLoss.get_logits``: ``(logits_per_image, logits_per_text)``,
+        materialised (for in-batch retrieval metrics; the loss never forms them). With
+        ``world_size > 1`` the features are gathered as the loss gathers them."""
+        if self.world_size > 1:
+            all_images, all_texts = gather_features(
+                image_features, text_features, self.local_loss, self.gather_with_grad, self.rank, self.world_size
+            )
+            if self.local_loss:
+                per_image = logit_scale * image_features @ all_texts.T
+                per_text = logit_scale * text_features @ all_images.T
+            else:
+                per_image = logit_scale * all_images @ all_texts.T
+                per_text = per_image.T
+        else:
+            per_image = logit_scale * image_features @ text_features.T
+            per_text = logit_scale * text_features @ image_features.T
+        if logit_bias is not None:
+            per_image, per_text = per_image + logit_bias, per_text + logit_bias
+        return per_image, per_text
+
     def forward(
         self,
         image_features: torch.Tensor,
@@ -585,6 +607,16 @@ class FusedSigLipLoss(nn.Module):
         self.rank = rank
         self.world_size = world_size
         self.dist_impl = dist_impl
+
+    def get_ground_truth(self, device, dtype, num_logits: int, negative_only: bool = False) -> torch.Tensor:
+        """open_clip's (num_logits, num_logits) +-1 label matrix (the loss never forms it)."""
+        labels = -torch.ones((num_logits, num_logits), device=device, dtype=dtype)
+        return labels if negative_only else labels + 2 * torch.eye(num_logits, device=device, dtype=dtype)
+
+    def get_logits(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
+        """open_clip's ``SigLipLoss.get_logits``, materialised (the loss never forms them)."""
+        logits = logit_scale * image_features @ text_features.T
+        return logits if logit_bias is None else logits + logit_bias
 
     def forward(self, image_features, text_features, logit_scale, logit_bias, output_dict: bool = False):
         def block(texts, negative_only=True):
