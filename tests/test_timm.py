@@ -318,6 +318,14 @@ def test_pre_logits_state_dict_round_trips_nested():
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="bogus"):
         other.load_state_dict({**sd, "0.bogus": torch.zeros(1)})
+    # strict=False reports (and strict=True names) keys as the state dict names them
+    dropped = next(iter(sd))
+    report = other.load_state_dict({**{k: v for k, v in sd.items() if k != dropped}, "0.bogus": 1}, strict=False)
+    assert (report.missing_keys, report.unexpected_keys) == ([dropped], ["0.bogus"])
+    with pytest.raises(RuntimeError, match=rf'Missing key\(s\) in state_dict: "{dropped}"'):
+        other.load_state_dict({k: v for k, v in sd.items() if k != dropped})
+    report = PreLogits(timm.create_model("test_resnet", pretrained=False)).load_state_dict({}, strict=False)
+    assert report.missing_keys and set(report.missing_keys) <= set(m.state_dict())  # no "model." part
     if hasattr(fx_timm, "FusedClassificationTask"):
         task = fx_timm.FusedClassificationTask(m, label_smoothing=0.1, verbose=False)
         task.load_state_dict(task.state_dict())

@@ -240,6 +240,7 @@ class PreLogits(nn.Module):
         # loads its children through these, with the child's prefix
         self.register_state_dict_post_hook(_drop_model_prefix)
         self.register_load_state_dict_pre_hook(_add_model_prefix)
+        self.register_load_state_dict_post_hook(_report_without_model_prefix)
 
     def forward(self, x: torch.Tensor, pre_logits: bool | None = None) -> torch.Tensor:
         """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C).
@@ -345,6 +346,18 @@ def _add_model_prefix(module: nn.Module, state_dict: dict, prefix: str, *_) -> N
     inner = prefix + "model."
     for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
         state_dict[inner + key[len(prefix) :]] = state_dict.pop(key)
+    module._loading_prefix = prefix
+
+
+def _report_without_model_prefix(module: nn.Module, incompatible_keys) -> None:
+    """After ``PreLogits`` loads: its missing and unexpected keys (``strict=False``'s report,
+    ``strict=True``'s error) named as its state dict names them, without the ``model.`` part."""
+    prefix = module.__dict__.pop("_loading_prefix", None)
+    if prefix is None:
+        return
+    inner = prefix + "model."
+    for keys in incompatible_keys:
+        keys[:] = [prefix + k[len(inner) :] if k.startswith(inner) else k for k in keys]
 
 
 if _TimmMixup is not None:
