@@ -374,9 +374,9 @@ def test_siglip_low_precision_features():
 
 def _assert_same_logits(ours, theirs, tensors) -> None:
     """open_clip's gathered (not local) logits add ``logit_bias`` in place to ``logits_per_image``
-    and then to ``logits_per_text``, its transpose (a view): the text side gets it twice (the
-    loss does not change: a shift shared by a row cancels). Its logits are compared without the
-    bias, the bias added here once to each."""
+    and then to ``logits_per_text``, its transpose (a view of the same storage): both get it
+    twice (the loss does not change: a shift shared by a row cancels). Its logits are compared
+    without the bias, the bias added here once to each."""
     bias = tensors[3] if len(tensors) > 3 else 0.0
     for out, ref in zip(ours.get_logits(*tensors), theirs.get_logits(*tensors[:3]), strict=True):
         torch.testing.assert_close(out, ref + bias, rtol=0, atol=0)
