@@ -142,7 +142,8 @@ def build_row_targets(
         bad = valid != t
         if keep is not None:
             bad &= keep
-        a = keep_f if class_weight is None else class_weight[valid] * keep_f
+        # where, not a product: an ignored row's stand-in label may carry an inf / NaN weight
+        a = keep_f if class_weight is None else torch.where(keep_f != 0, class_weight[valid], 0.0)
         return valid, a, bad
 
     y1, a1, bad = label(target)
@@ -156,7 +157,11 @@ def build_row_targets(
         bad = bad | bad2 | ~((lam >= 0) & (lam <= 1))
     k1 = k1.masked_fill(bad, float("nan"))
     e = (eps / C) * keep_f
-    lse_coef = k1 + e * a_sum if k2 is None else k1 + k2 + e * a_sum
+    # no smoothing on the row, no weight sum: a class weight of inf (1 / count of an absent
+    # class) or NaN that no kept label uses leaves the loss alone, as in torch
+    lse_coef = k1 if k2 is None else k1 + k2
+    if eps != 0:
+        lse_coef = lse_coef + torch.where(keep_f != 0, e * a_sum, 0.0)
     return RowTargets(
         y1=y1,
         k1=k1,
@@ -179,8 +184,8 @@ def target_weights(rt: RowTargets, num_classes: int) -> torch.Tensor:
     base = rt.e[:, None].expand(n, num_classes)
     if rt.dense is not None:
         base = base + rt.d[:, None] * rt.dense.to(rt.d.dtype)
-    if rt.class_weight is not None:
-        base = base * rt.class_weight[None, :]
+    if rt.class_weight is not None:  # no mass, no weight (an inf / NaN weight adds nothing there)
+        base = torch.where(base != 0, base * rt.class_weight[None, :], 0.0)
     tt = base.clone()
     if rt.y1 is not None:
         tt.scatter_add_(1, rt.y1[:, None], rt.k1[:, None])

@@ -242,22 +242,26 @@ def _setup_forward(ctx, inputs, output):
 def _forward_op_backward(ctx, g_lse, g_lin, _g_aux=None, backward=_backward_op):
     """``dz = g_lse * p + g_lin * tt``: the kernels subtract ``tt`` scaled by ``-g_lin``. The
     loss rows are formed from (lse, lin) outside the op, so autograd supplies both."""
-    rt_g = RowTargets(*ctx.saved_tensors[6:]).scaled(-g_lin)
+    saved = ctx.saved_tensors  # once: non-reentrant checkpointing and saved-tensor hooks unpack per read
+    rt_g = RowTargets(*saved[6:]).scaled(-g_lin)
     # no gradient for: the targets, the options, the backend, need_grad, spare_bytes
-    return *_input_grads(ctx, g_lse.contiguous(), rt_g, backward), *[None] * 10
+    return *_input_grads(ctx, saved, g_lse.contiguous(), rt_g, backward), *[None] * 10
 
 
-def _input_grads(ctx, cp: torch.Tensor, rt_g: RowTargets, backward) -> tuple:
+def _input_grads(ctx, saved: tuple, cp: torch.Tensor, rt_g: RowTargets, backward) -> tuple:
     """``(dx, dw, db, dscale)`` (None where not needed) from the backend's backward, for the
-    per-row coefficient ``cp`` on ``p`` and the targets ``rt_g`` scaled as it subtracts them."""
-    x, w, b, scale, lse, aux = ctx.saved_tensors[:6]
+    per-row coefficient ``cp`` on ``p`` and the targets ``rt_g`` scaled as it subtracts them;
+    ``saved`` is ``ctx.saved_tensors``, read once by the caller."""
+    x, w, b, scale, lse, aux = saved[:6]
     need_x, need_w, need_b, need_s = ctx.needs_input_grad[:4]
     dx_raw, dw, db = backward(
         x, w, b, scale, lse, cp, aux, _targets_args(rt_g), *ctx.options, ctx.backend, need_x or need_s, need_w, need_b,
     )  # fmt: skip
     dscale = (dx_raw * x).sum().reshape(scale.shape).to(scale.dtype) if need_s else None
     if need_x and not ctx.options[-1]:  # a scale that may not be 1 (options end with unit_scale)
-        dx_raw.mul_(scale)  # in place: no second fp32 N x D buffer
+        # in place (no second fp32 N x D buffer), unless a graph of the backward is being
+        # built ("chunked" / "reference" under create_graph): dscale's product saved dx_raw
+        dx_raw = dx_raw * scale if torch.is_grad_enabled() else dx_raw.mul_(scale)
     dx = dx_raw.to(x.dtype) if need_x else None
     dw = dw if need_w else None  # already in w's dtype (_backward_impl)
     db = db.to(b.dtype) if need_b else None
@@ -311,11 +315,12 @@ def _reduced_input_grads(ctx, g_loss: torch.Tensor, divisor: torch.Tensor | None
     """``_input_grads`` of a reduced loss ("mean" or "sum", ``ctx.reduction``) from the saved
     ``(x, w, b, scale, lse, aux, *targets)``; ``divisor`` the mean's (``reduced_loss``'s second
     output), None to take it from the row targets."""
-    lse, rt = ctx.saved_tensors[4], RowTargets(*ctx.saved_tensors[6:])
+    saved = ctx.saved_tensors  # once (see _forward_op_backward)
+    lse, rt = saved[4], RowTargets(*saved[6:])
     if divisor is None:
         divisor = rt.row_weight.sum().reshape(1) if ctx.reduction == "mean" else torch.ones_like(lse[:1])
     cp, rt_g = loss_grad_coefs(g_loss, divisor, lse, rt, ctx.reduction)
-    return _input_grads(ctx, cp, rt_g, _backward_impl)
+    return _input_grads(ctx, saved, cp, rt_g, _backward_impl)
 
 
 # The fast strategy forms the gradients during the forward, for the upstream gradient a

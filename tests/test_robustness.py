@@ -93,6 +93,85 @@ def test_create_graph(impl, reduction):
             penalised(impl)
 
 
+@pytest.mark.parametrize("impl", ["chunked", "reference"])
+def test_create_graph_with_a_learnable_scale(impl):
+    """A penalty on (dx, dscale): the backward scaled dx in place after dscale's product had
+    saved it (chunked: "modified by an inplace operation")."""
+    y = torch.randint(0, C, (N,), device=DEVICE)
+
+    def penalised(impl_):
+        x, w = _leaves()
+        s = torch.tensor(1.3, device=DEVICE, requires_grad=True)
+        loss = linear_cross_entropy(x, w, y, scale=s, impl=impl_)
+        gx, gs = torch.autograd.grad(loss, (x, s), create_graph=True)
+        return _grads(loss + gx.pow(2).sum() + 3 * gs.pow(2), [x, w, s])
+
+    for a, r in zip(penalised(impl), penalised("reference"), strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_saved_tensors_are_unpacked_once(impl, reduction):
+    """Non-reentrant checkpointing (torch's recommended mode) refuses a second unpack of a saved
+    tensor, and saved-tensor hooks (``save_on_cpu``) pay for each: the backward reads
+    ``ctx.saved_tensors`` once."""
+    if impl == "fast" and reduction == "none":
+        pytest.skip("fast takes reduced losses only")
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    s = torch.tensor(1.3, device=DEVICE, requires_grad=True)
+
+    def loss_fn(x, w, s):
+        return linear_cross_entropy(x, w, y, scale=s, reduction=reduction, impl=impl).sum()
+
+    x, w = _leaves()
+    want = _grads(loss_fn(x, w, s), [x, w, s])
+    got = _grads(torch.utils.checkpoint.checkpoint(loss_fn, x, w, s, use_reentrant=False), [x, w, s])
+    for a, r in zip(got, want, strict=True):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-7)
+    packed, unpacked = [], []
+
+    def pack(t):
+        packed.append(1)
+        return t
+
+    def unpack(t):
+        unpacked.append(1)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = loss_fn(x, w, s)
+    _grads(loss, [x, w, s])
+    assert packed and len(unpacked) <= len(packed)  # "fast" unpacks none: its gradients are formed
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_weight_of_an_unused_class_changes_nothing(impl, bad):
+    """``weight = 1 / count`` gives inf to a class absent from the batch: without smoothing only
+    the kept labels' weights enter torch's loss. It was NaN on every row here (0 * inf in the
+    smoothing sum, and an ignored row's stand-in label, class 0, weighed)."""
+    x, w = _leaves()
+    b = torch.randn(C, device=DEVICE, requires_grad=True)
+    y = torch.randint(1, C - 1, (N,), device=DEVICE)
+    y[2] = -100
+    y2 = torch.randint(1, C - 1, (N,), device=DEVICE)
+    cw = torch.rand(C, device=DEVICE) + 0.5
+    cw[0] = cw[C - 1] = bad  # class 0: the stand-in label of ignored rows; C - 1: nobody's
+    for kw in (dict(), dict(target2=y2, lam=0.3)):
+        for reduction in ("mean", "sum", "none"):
+            if impl == "fast" and reduction == "none":
+                continue
+            got = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, reduction=reduction, impl=impl, **kw)
+            want = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw.nan_to_num(posinf=9.0), reduction=reduction,
+                                        impl="reference", **kw)  # fmt: skip
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            for a, r in zip(_grads(got.sum(), [x, w, b]), _grads(want.sum(), [x, w, b]), strict=True):
+                torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-6)
+    got = linear_cross_entropy(x, w, y, linear_bias=b, weight=cw, impl=impl)
+    torch.testing.assert_close(got, F.cross_entropy(F.linear(x, w, b), y, weight=cw), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("impl", ["lean", "triton"])
 def test_clip_loss_create_graph_is_refused(impl):
     g = torch.Generator().manual_seed(3)

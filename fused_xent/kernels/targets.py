@@ -31,8 +31,8 @@ def _label(t, mask, keep, keep_f, C, CW, HAS_WEIGHT: tl.constexpr):
     for both labels."""
     valid = tl.minimum(tl.maximum(t, 0), C - 1)
     bad = (valid != t) & keep
-    if HAS_WEIGHT:
-        a = tl.load(CW + valid, mask=mask, other=0.0) * keep_f
+    if HAS_WEIGHT:  # where, not a product: an ignored row's stand-in label may weigh inf / NaN
+        a = tl.where(keep, tl.load(CW + valid, mask=mask, other=0.0), 0.0)
     else:
         a = keep_f
     return valid, a, bad, tl.where(keep & mask, t, 0)
@@ -75,10 +75,13 @@ def row_targets_kernel(
     k1 = tl.where(bad, float("nan"), k1)
     e = e_coef * keep_f
     a_sum = tl.load(ASum) if HAS_WEIGHT else C * 1.0
+    # a row without smoothing takes no weight sum (an inf / NaN weight no kept label uses
+    # leaves the loss alone, as in torch); build_row_targets' rule
+    lse_coef = tl.where(e != 0, e * a_sum, 0.0)
     if HAS_Y2:
-        lse_coef = k1 + k2 + e * a_sum
+        lse_coef = k1 + k2 + lse_coef
     else:
-        lse_coef = k1 + e * a_sum
+        lse_coef = k1 + lse_coef
     tl.store(Y1 + rows, y1, mask=mask)
     tl.store(K1 + rows, k1, mask=mask)
     tl.store(E + rows, e, mask=mask)

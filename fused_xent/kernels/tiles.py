@@ -142,8 +142,8 @@ def target_tile(
             other=0.0,
         )
         base = base + dn[:, None] * t.to(tl.float32)
-    if HAS_WEIGHT:
-        base = base * tl.load(A + cols, mask=col_mask, other=0.0)[None, :]
+    if HAS_WEIGHT:  # no mass, no weight: an inf / NaN weight of a class without it adds nothing
+        base = tl.where(base != 0.0, base * tl.load(A + cols, mask=col_mask, other=0.0)[None, :], 0.0)
     tt = tl.where(col_mask[None, :], base, 0.0)
     if HAS_HARD:
         y1 = tl.load(Y1 + rows, mask=row_mask, other=-1)
