@@ -255,9 +255,161 @@ def test_bad_models_raise_clear_errors():
     with pytest.raises(ValueError, match="BartForCausalLM.forward calls its decoder directly"):
         causal_lm_loss(bart, ids, labels)
 
-    model.config.logit_scale = 2.0  # a field this Llama's forward ignores: the first call's head check catches it
+    # a transform of the logits no config field tells: the first call's head check catches it
+    handle = model.lm_head.register_forward_hook(lambda m, a, out: 2.0 * out)
     with pytest.raises(ValueError, match="LlamaForCausalLM's logits differ"):
         causal_lm_loss(model, ids, labels)
+    handle.remove()
+
+
+def test_config_fields_count_where_the_forward_uses_them():
+    """A logit-scaling or softcap field set in the config is applied where the class's forward
+    reads it, with its operator (HyperCLOVAX multiplies by ``logits_scaling``, Granite divides;
+    Gemma 3's ForConditionalGeneration keeps a softcap field it does not apply): a field the
+    forward ignores is ignored. Before, every field set counted, and the one-time head check
+    passed on a fresh model whose logits were too small for a softcap to show."""
+    model = tiny_model("llama").eval()
+    model.config.logit_scale = 2.0  # Cohere's field; Llama's forward ignores it
+    model.config.final_logit_softcapping = 0.3  # Gemma 2's; ditto
+    ids, labels, mask = batch()
+    head = read_head(model)
+    assert head.scale == 1.0 and head.softcap is None
+    assert_rel_close(
+        causal_lm_loss(model, ids, labels, attention_mask=mask),
+        model(input_ids=ids, attention_mask=mask, labels=labels).loss.double(), RTOL_OWN,
+    )  # fmt: skip
+
+    from fused_xent.integrations.transformers import _forward_transforms
+
+    class Multiplies(torch.nn.Module):
+        def forward(self, h):
+            return self.lm_head(h) * self.config.logits_scaling
+
+    class Divides(torch.nn.Module):
+        def forward(self, h):
+            return self.lm_head(h) / self.config.text_config.logits_scaling
+
+    class UnknownCap(torch.nn.Module):
+        def forward(self, h):
+            return 5.0 * torch.tanh(self.lm_head(h) / 5.0)
+
+    assert _forward_transforms(Multiplies).scales == {"logits_scaling": True}
+    assert _forward_transforms(Divides).scales == {"logits_scaling": False}
+    assert _forward_transforms(UnknownCap).unknown_softcap
+    cls = type("UnknownCapLM", (type(model),), {"forward": UnknownCap.forward})
+    model.__class__ = cls
+    with pytest.raises(ValueError, match="applies tanh to its logits through no field"):
+        read_head(model)
+
+
+def test_recurrent_gemma_softcap_at_large_logits():
+    """RecurrentGemma caps its logits at ``config.logits_soft_cap``, a field not read before:
+    its fresh logits (~0.1) sat far below the cap of 30, so the one-time head check passed and
+    the loss lost the cap once the logits grew (49.5 where the model's own gives 28.2)."""
+    torch.manual_seed(0)
+    config = transformers.RecurrentGemmaConfig(
+        vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, lru_width=32, attention_window_size=16, head_dim=8,
+    )  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config).double().eval()
+    ids, labels, _ = batch()
+    assert read_head(model).softcap == config.logits_soft_cap
+    causal_lm_loss(model, ids, labels, use_cache=False)  # the head check, at small logits (its cache fails here)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(300.0)  # logits well past the cap
+    own = model(input_ids=ids, labels=labels, use_cache=False).loss
+    assert_rel_close(causal_lm_loss(model, ids, labels, use_cache=False), own.double(), RTOL_OWN)
+
+
+def test_a_trainable_head_adapter_is_refused():
+    """A LoRA adapter on lm_head (peft's ``target_modules=["lm_head"]``): the fused loss takes
+    the head's weight, so the adapter would get no gradient (at its zero init the head check
+    passes). Any trainable parameter of the head beside its weight and bias is refused."""
+
+    class LoraLinear(torch.nn.Linear):
+        def __init__(self, base: torch.nn.Linear) -> None:
+            super().__init__(base.in_features, base.out_features, bias=False, dtype=base.weight.dtype)
+            self.weight = base.weight
+            self.lora_A = torch.nn.Parameter(torch.randn(2, base.in_features, dtype=base.weight.dtype))
+            self.lora_B = torch.nn.Parameter(torch.zeros(base.out_features, 2, dtype=base.weight.dtype))
+
+        def forward(self, h):
+            return super().forward(h) + h @ self.lora_A.T @ self.lora_B.T
+
+    model = tiny_model("llama").eval()
+    model.lm_head = LoraLinear(model.lm_head)
+    ids, labels, mask = batch()
+    with pytest.raises(ValueError, match=r"trainable parameters beside its weight and bias \(lora_A, lora_B\)"):
+        causal_lm_loss(model, ids, labels, attention_mask=mask)
+    model.lm_head.lora_A.requires_grad_(False)
+    model.lm_head.lora_B.requires_grad_(False)
+    causal_lm_loss(model, ids, labels, attention_mask=mask)  # frozen at zero: the head's own output
+
+
+def test_deep_copies_and_pickles_of_a_patched_model():
+    """``copy.deepcopy`` (EMA and reference copies) of a patched model runs the copy, and its
+    loss reaches the copy's parameters; the model pickles, patched or unpatched, after a fused
+    loss has hooked it."""
+    import io
+
+    model = patch_model(tiny_model("llama").eval())
+    ids, labels, mask = batch()
+    model(input_ids=ids, attention_mask=mask, labels=labels)  # the first call hooks the base model
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(3.0)
+    plain = copy.deepcopy(twin)
+    unpatch_model(plain)
+    got = twin(input_ids=ids, attention_mask=mask, labels=labels)
+    assert got.logits is None
+    assert_rel_close(got.loss, plain(input_ids=ids, attention_mask=mask, labels=labels).loss.double(), RTOL_OWN)
+    got.loss.backward()
+    assert twin.lm_head.weight.grad is not None and model.lm_head.weight.grad is None
+    assert_rel_close(causal_lm_loss(twin, ids, labels, attention_mask=mask), got.loss, 1e-15)
+
+    restored = torch.load(io.BytesIO(_saved(model)), weights_only=False)
+    out = restored(input_ids=ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    assert_rel_close(out.loss, model(input_ids=ids, attention_mask=mask, labels=labels).loss, 1e-15)
+    unpatch_model(model)
+    assert not model.model._forward_hooks  # unpatching takes the capture's hooks off too
+    torch.load(io.BytesIO(_saved(model)), weights_only=False)
+
+
+def _saved(obj) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def test_bamba_z_loss_and_jetmoe_aux_loss():
+    """Bamba adds ``z_loss_coefficient * mean(lse**2)`` over every position; JetMoe weighs its
+    router loss by ``aux_loss_coef`` (not ``router_aux_loss_coef``)."""
+    torch.manual_seed(0)
+    bamba = transformers.AutoModelForCausalLM.from_config(
+        transformers.BambaConfig(
+            vocab_size=V, hidden_size=D, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+            mamba_chunk_size=8, attn_layer_indices=[1], z_loss_coefficient=0.1,
+        )
+    ).double().eval()  # fmt: skip
+    jetmoe = transformers.AutoModelForCausalLM.from_config(
+        transformers.JetMoeConfig(
+            vocab_size=V, hidden_size=D, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8,
+            intermediate_size=48, num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+            aux_loss_coef=0.5,
+        )
+    ).double().eval()  # fmt: skip
+    ids, labels, mask = batch()
+    for model in (bamba, jetmoe):
+        own = model(input_ids=ids, labels=labels)
+        loss = causal_lm_loss(model, ids, labels)
+        assert_rel_close(loss, own.loss.double(), RTOL_OWN, type(model).__name__)
+        for g, g_own in zip(grads(model, loss), grads(model, model(input_ids=ids, labels=labels).loss), strict=True):
+            if g_own is not None:
+                assert_rel_close(g, g_own, 50 * RTOL_OWN, type(model).__name__, floor=1e-8)
 
 
 def test_trainer_step_with_gradient_accumulation(tmp_path):

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import re
 from dataclasses import dataclass
 
 import torch
@@ -43,6 +44,10 @@ IGNORE_INDEX = -100
 #: applies each: ``True`` multiplies (Cohere's ``logit_scale``, Falcon-H1's
 #: ``lm_head_multiplier``), ``False`` divides (Granite's ``logits_scaling``).
 LOGIT_SCALE_FIELDS = {"logit_scale": True, "logits_scaling": False, "lm_head_multiplier": True}
+
+#: Config fields of a final logit softcap ``cap * tanh(z / cap)``: Gemma 2 and later,
+#: RecurrentGemma.
+SOFTCAP_FIELDS = ("final_logit_softcapping", "logits_soft_cap")
 
 #: Largest ``max|z_model - z| / max|z_model|`` the head check accepts, per dtype: the rounding
 #: of one GEMM and one elementwise op in that dtype; a missed scale or softcap is far above.
@@ -73,11 +78,17 @@ class LMHead:
 
 
 def read_head(model: nn.Module) -> LMHead:
-    """The head of a transformers causal LM: ``get_output_embeddings()`` and the config's
-    ``final_logit_softcapping`` and logit-scaling fields (model config or its text config).
+    """The head of a transformers causal LM: ``get_output_embeddings()`` and the logit
+    transforms its ``forward`` applies, from the config (model config or its text config): the
+    softcap fields of :data:`SOFTCAP_FIELDS` and the scaling fields of
+    :data:`LOGIT_SCALE_FIELDS`, each taken where the class's ``forward`` uses it (with the
+    operator it uses there) when its source can be read, every one set in the config otherwise.
 
     Raises:
-        ValueError: the model has no readable output embeddings.
+        ValueError: the model has no readable output embeddings; the head has trainable
+            parameters beside its weight and bias (a LoRA adapter on ``lm_head``), which the
+            fused loss would leave without gradient; the forward applies a softcap (``tanh``)
+            through no field this module knows.
     """
     name = type(model).__name__
     if not hasattr(model, "get_output_embeddings") or not hasattr(model, "config"):
@@ -92,19 +103,64 @@ def read_head(model: nn.Module) -> LMHead:
     bias = getattr(head, "bias", None)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"cannot read the LM head of {name}: its bias is not a ({weight.shape[0]},) tensor")
+    extra = [n for n, p in head.named_parameters() if p.requires_grad and p is not weight and p is not bias]
+    if extra:
+        raise ValueError(
+            f"the LM head of {name} ({type(head).__name__}) has trainable parameters beside its weight and bias "
+            f"({', '.join(extra[:3])}): a LoRA adapter on lm_head? fused_xent computes h @ W.T + b from the head's "
+            "weight alone, so they would get no gradient; merge the adapter, or leave lm_head out of target_modules"
+        )
     configs = [model.config]
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if text_config is not model.config:
         configs.append(text_config)
+    used = _forward_transforms(type(model))
+    if used is not None and used.unknown_softcap:
+        raise ValueError(
+            f"{name}.forward applies tanh to its logits through no field fused_xent knows "
+            f"({', '.join(SOFTCAP_FIELDS)}), so it cannot compute this model's loss"
+        )
     scale, softcap = 1.0, None
     for config in configs:
         for field, multiplies in LOGIT_SCALE_FIELDS.items():
             value = getattr(config, field, None)
-            if value is not None:
+            if value is not None and (used is None or field in used.scales):
+                multiplies = multiplies if used is None or used.scales[field] is None else used.scales[field]
                 scale = scale * value if multiplies else scale / value
-        cap = getattr(config, "final_logit_softcapping", None)
-        softcap = cap if cap is not None else softcap
+        for field in SOFTCAP_FIELDS:
+            cap = getattr(config, field, None)
+            if cap is not None and (used is None or field in used.softcaps):
+                softcap = cap
     return LMHead(weight=weight, bias=bias, scale=float(scale), softcap=None if softcap is None else float(softcap))
+
+
+@dataclass(frozen=True)
+class _Transforms:
+    """The logit transforms named in a ``*ForCausalLM.forward``'s source."""
+
+    scales: dict  # field -> True (multiplies), False (divides), None (operator not found: the table's)
+    softcaps: tuple[str, ...]
+    unknown_softcap: bool  # tanh without a known softcap field
+
+
+@functools.cache
+def _forward_transforms(cls: type) -> _Transforms | None:
+    """What ``cls.forward`` does to its logits, read once per class from its source (None when
+    the source cannot be read: then every field set in the config counts). A field set in the
+    config is applied only where the forward uses it: Gemma 3's ``ForConditionalGeneration``
+    keeps ``final_logit_softcapping`` in its text config but applies none, HyperCLOVAX multiplies
+    by ``logits_scaling`` where Granite divides."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return None
+    scales = {}
+    for field in LOGIT_SCALE_FIELDS:
+        if re.search(rf"\b{field}\b", source):
+            op = re.search(rf"([*/])\s*[A-Za-z_][\w.]*\.{field}\b", source)
+            scales[field] = None if op is None else op.group(1) == "*"
+    softcaps = tuple(f for f in SOFTCAP_FIELDS if re.search(rf"\b{f}\b", source))
+    return _Transforms(scales, softcaps, unknown_softcap="tanh" in source and not softcaps)
 
 
 def causal_lm_loss(
@@ -153,21 +209,52 @@ def patch_model(model: nn.Module) -> nn.Module:
     With labels the output is the model's usual output class with ``loss`` set and
     ``logits`` None (the logits are never formed); without labels the call goes to the
     original ``forward`` unchanged. The signature seen by ``inspect`` (and so by
-    ``transformers.Trainer``) is the original's. Patching twice is a no-op.
+    ``transformers.Trainer``) is the original's. Patching twice is a no-op. A deep copy of
+    the patched model (an EMA or reference copy) is patched too, and runs itself; the model
+    pickles (``torch.save(model)``).
 
     Returns:
         ``model`` itself, patched in place; :func:`unpatch_model` undoes it.
     """
-    if hasattr(model, _ORIGINAL_FORWARD):
+    if _ORIGINAL_FORWARD in model.__dict__:
         return model
-    original = model.forward
     read_head(model)
-    _check_logits_to_keep(model, original)
-    names = list(inspect.signature(original).parameters)
-    labels_at = names.index("labels") if "labels" in names else len(names)
+    _check_logits_to_keep(model, model.forward)
+    # an instance-level forward (accelerate's device hooks) is kept; the class's is looked up per
+    # call, so that a copy of the model runs its own (a bound method would run the original's)
+    model.__dict__[_ORIGINAL_FORWARD] = model.__dict__.get("forward")
+    model.forward = _PatchedForward(model)
+    return model
 
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
+
+def unpatch_model(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch_model`, and take off the hooks a fused loss left; returns ``model``."""
+    if _ORIGINAL_FORWARD in model.__dict__:
+        original = model.__dict__.pop(_ORIGINAL_FORWARD)
+        del model.forward
+        if original is not None:
+            model.forward = original
+    capture = model.__dict__.pop(_CAPTURE, None)
+    if capture is not None:
+        capture.remove()
+    return model
+
+
+class _PatchedForward:
+    """``model.forward`` after :func:`patch_model`: the fused loss with labels, the original
+    forward without. A module-level class, not a closure: ``copy.deepcopy`` copies it with the
+    model (a closure would keep calling the original model) and pickle can store it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.__signature__ = inspect.signature(_original_forward(model))  # what Trainer inspects
+        self.__doc__ = _original_forward(model).__doc__
+
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        original = _original_forward(model)
+        names = list(self.__signature__.parameters)
+        labels_at = names.index("labels") if "labels" in names else len(names)
         if len(args) > len(names):
             raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
         if kwargs.get("labels") is None and (len(args) <= labels_at or args[labels_at] is None):
@@ -180,21 +267,13 @@ def patch_model(model: nn.Module) -> nn.Module:
         output, _ = _fused_forward(model, original, input_ids, labels, attention_mask, num_items, kwargs)
         return output
 
-    setattr(model, _ORIGINAL_FORWARD, original)
-    model.forward = forward
-    return model
-
-
-def unpatch_model(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch_model`; returns ``model``."""
-    if hasattr(model, _ORIGINAL_FORWARD):
-        del model.forward
-        delattr(model, _ORIGINAL_FORWARD)
-    return model
-
 
 def _original_forward(model: nn.Module):
-    return getattr(model, _ORIGINAL_FORWARD, model.forward)
+    """The forward :func:`patch_model` replaced (the model's own when it is not patched)."""
+    if _ORIGINAL_FORWARD not in model.__dict__:
+        return model.forward
+    original = model.__dict__[_ORIGINAL_FORWARD]
+    return original if original is not None else type(model).forward.__get__(model, type(model))
 
 
 def _check_logits_to_keep(model: nn.Module, forward) -> None:
@@ -262,6 +341,7 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         capture.head_checked = True
 
     x, w, b = _head_operands(h, head)
+    z_coef = float(getattr(model, "z_loss_coefficient", None) or 0.0)  # Bamba's
     loss = linear_cross_entropy(
         x,
         w,
@@ -271,11 +351,16 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         ignore_index=IGNORE_INDEX,
         scale=None if head.scale == 1.0 else head.scale,
         softcap=head.softcap,
+        return_lse=z_coef > 0,
     )
+    if z_coef > 0:
+        loss, lse = loss
     if num_items_in_batch is not None:
         if isinstance(num_items_in_batch, torch.Tensor):
             num_items_in_batch = num_items_in_batch.to(loss.device)
         loss = loss / num_items_in_batch
+    if z_coef > 0:  # as Bamba's forward adds it: the mean over every position, ignored ones too
+        loss = loss + z_coef * lse.pow(2).mean()
     loss = loss + _router_aux_loss(model, output, loss.device)
 
     fields = {k: v for k, v in output.items() if k != "logits"}
@@ -296,7 +381,9 @@ class _HiddenStateCapture:
     """The forward hooks on ``model.base_model`` and on its ``decoder`` (where it has one) that
     keep the last hidden state while armed (one call of :func:`_fused_forward`) and do nothing
     otherwise: the base model's, which runs after its decoder, wins; ``from_decoder`` says the
-    base model did not run. Also records that the model's head passed :func:`_check_head`."""
+    base model did not run. Also records that the model's head passed :func:`_check_head`.
+    Plain objects (no closures), so that a deep copy of the model gets its own capture, hooked
+    to its own modules, and the model pickles."""
 
     def __init__(self, shifted_loss: bool) -> None:
         self.armed = False
@@ -305,13 +392,30 @@ class _HiddenStateCapture:
         self.head_checked = False
         #: ``_shifted_loss_function`` of the model, read once (eagerly: it reads source code)
         self.shifted_loss = shifted_loss
+        self.handles: list = []
 
-    def hook(self, from_decoder: bool):
-        def capture(module, args, out) -> None:
-            if self.armed:
-                self.hidden, self.from_decoder = _last_hidden_state(out), from_decoder
+    def register(self, module: nn.Module, from_decoder: bool) -> None:
+        self.handles.append(module.register_forward_hook(_CaptureHook(self, from_decoder)))
 
-        return capture
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "armed": False, "hidden": None}
+
+
+class _CaptureHook:
+    """One forward hook of a :class:`_HiddenStateCapture`."""
+
+    def __init__(self, capture: _HiddenStateCapture, from_decoder: bool) -> None:
+        self.capture, self.from_decoder = capture, from_decoder
+
+    def __call__(self, module, args, out) -> None:
+        capture = self.capture
+        if capture.armed:
+            capture.hidden, capture.from_decoder = _last_hidden_state(out), self.from_decoder
 
 
 def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapture:
@@ -331,8 +435,8 @@ def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapt
         capture = _HiddenStateCapture(_shifted_loss_function(model))
         decoder = getattr(base, "decoder", None)
         if isinstance(decoder, nn.Module) and decoder is not base:
-            decoder.register_forward_hook(capture.hook(from_decoder=True))
-        base.register_forward_hook(capture.hook(from_decoder=False))
+            capture.register(decoder, from_decoder=True)
+        capture.register(base, from_decoder=False)
         model.__dict__[_CAPTURE] = capture
     return capture
 
@@ -404,9 +508,10 @@ def _router_aux_loss(model, output, device) -> torch.Tensor | float:
     aux = getattr(output, "aux_loss", None)
     if aux is None:
         return 0.0
-    coef = getattr(model, "router_aux_loss_coef", None)
-    if coef is None:
-        coef = getattr(model.config.get_text_config(), "router_aux_loss_coef", None)
+    coef = None
+    for owner in (model, model.config.get_text_config()):
+        for field in ("router_aux_loss_coef", "aux_loss_coef"):  # the second: JetMoe's
+            coef = getattr(owner, field, None) if coef is None else coef
     if coef is None:
         raise ValueError(f"{type(model).__name__} returned an aux_loss but has no router_aux_loss_coef to weigh it")
     return coef * aux.to(device)
