@@ -383,6 +383,20 @@ def _assert_same_logits(ours, theirs, tensors) -> None:
 
 
 @needs_open_clip
+def test_float_scale_and_bias_with_float64_features():
+    """A Python-float ``logit_scale`` / ``logit_bias`` became an fp32 tensor whatever the
+    features' dtype: fp64 features lost ~3e-8 to open_clip's fp64 loss."""
+    images, texts, _, _ = _features(9, 6, torch.float64, seed=14)
+    for ours, theirs in (
+        (fused.FusedClipLoss(), open_clip_loss.ClipLoss()),
+        (fused.FusedSigLipLoss(), open_clip_loss.SigLipLoss()),
+    ):
+        got = _loss_and_grads(ours, (images, texts), logit_scale=2.7, logit_bias=-1.3)
+        want = _loss_and_grads(theirs, (images, texts), logit_scale=2.7, logit_bias=-1.3)
+        _assert_close(got, want, rtol=1e-13)
+
+
+@needs_open_clip
 def test_get_logits_and_ground_truth_match_open_clip():
     """Not used by the losses (which never form the logits): open_clip's helpers, for callers
     of the loss object (in-batch retrieval metrics)."""

@@ -8,6 +8,7 @@ parameter gradient agree to ~1e-15 relative, so 1e-10 leaves room for nothing bu
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import numpy as np
 import pytest
@@ -252,6 +253,65 @@ def test_pre_logits_checks_a_plain_head_once_without_touching_the_generator():
     assert torch.equal(torch.get_rng_state(), state)  # training randomness is the plain model's
     torch.testing.assert_close(out, m.stem(x), rtol=0, atol=0)
     assert wrapped.__dict__["_checked"] is m.fc and "_checked" not in dict(wrapped.named_modules())
+
+
+def test_the_check_runs_under_torch_compile():
+    """A model compiled before its first step (timm's --torchcompile): the check ran only
+    outside compiling, so a compiled head with a norm after the pre-logits trained on a
+    different loss; it now runs eagerly at a graph break, once."""
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="transforms the pre-logits"):
+        torch.compile(PreLogits(_TinyHead(nn.BatchNorm1d(6)).train()), backend="eager")(torch.randn(8, 5))
+    m = _TinyHead().train()
+    wrapped = PreLogits(m)
+    x = torch.randn(4, 5)
+    torch.testing.assert_close(torch.compile(wrapped, backend="eager")(x), m.stem(x), rtol=0, atol=0)
+    assert wrapped.__dict__["_checked"] is m.fc
+
+
+@pytest.mark.parametrize("task", [False, True])
+def test_first_training_step_of_a_batchnorm_model(task):
+    """The check restored every buffer in place, the trunk's BatchNorm statistics included,
+    which that BatchNorm had saved for the same step's backward: the first backward of every
+    BatchNorm model failed ("modified by an inplace operation")."""
+    torch.manual_seed(0)
+    m = timm.create_model("test_resnet", pretrained=False).double().train()
+    ref = copy.deepcopy(m)
+    x, y = torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 5, 9])
+    if task:
+        if not hasattr(fx_timm, "FusedClassificationTask"):
+            pytest.skip("installed timm has no timm.task")
+        loss = fx_timm.FusedClassificationTask(m, label_smoothing=0.1, verbose=False)(x, y)["loss"]
+    else:
+        wrapped = PreLogits(m)
+        loss = FusedHeadLoss.from_model(wrapped, 0.1)(wrapped(x), y)
+    loss.backward()
+    want = LabelSmoothingCrossEntropy(0.1)(ref(x), y)
+    want.backward()
+    assert abs(loss.item() - want.item()) < 1e-12
+    for (name, p), q in zip(m.named_parameters(), ref.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+    for b, rb in zip(m.buffers(), ref.buffers(), strict=True):  # one update of the statistics, as timm's
+        torch.testing.assert_close(b, rb, rtol=1e-12, atol=0)
+
+
+def test_losses_from_models_copy_and_pickle():
+    """``FusedHeadLoss.from_model`` kept a weak reference to the model: the loss and timm's task
+    holding it did not pickle, and a deep copy checked the original model's head (and refused
+    to train, blaming reset_classifier)."""
+    import pickle
+
+    m = PreLogits(timm.create_model("test_vit", pretrained=False))
+    loss = FusedHeadLoss.from_model(m, 0.1)
+    twin, restored = copy.deepcopy((m, loss)), pickle.loads(pickle.dumps((m, loss)))
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
+    for model, fn in (twin, restored):
+        assert fn.__dict__["_model"] is model.model
+        out = fn(model(x), y)
+        torch.testing.assert_close(out, loss(m(x), y))
+        model.model.reset_classifier(5)
+        with pytest.raises(RuntimeError, match="reset_classifier"):
+            fn(model(x), y)
 
 
 def test_sparse_mixup_for_another_class_count_is_refused():

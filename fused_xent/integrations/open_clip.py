@@ -235,7 +235,7 @@ def clip_lse(x: torch.Tensor, y: torch.Tensor, scale: float | torch.Tensor = 1.0
     _check_features(x, y, "x", "y")
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    scale_t = _as_scale(scale, x.device, "scale")
+    scale_t = _as_scale(scale, x, "scale")
     backend = _clip_backend(impl, x).name
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():
@@ -265,7 +265,7 @@ def clip_loss(
     """
     lse_row, lse_col, diag = clip_lse(image_features, text_features, logit_scale, impl=impl)
     if logit_bias is not None:
-        bias = _as_bias(logit_bias, image_features.device).to(lse_row.dtype).reshape(())
+        bias = _as_bias(logit_bias, image_features).to(lse_row.dtype).reshape(())
         lse_row, lse_col, diag = lse_row + bias, lse_col + bias, diag + bias
     return ((lse_row - diag).mean() + (lse_col - diag).mean()) / 2
 
@@ -414,11 +414,11 @@ def siglip_block_loss(
         The 0-d loss, fp32 (fp64 for fp64 features).
     """
     _check_features(image_features, text_features, "image_features", "text_features", same_rows=not negative_only)
-    scale = _as_scale(logit_scale, image_features.device, "logit_scale")
+    scale = _as_scale(logit_scale, image_features, "logit_scale")
     if logit_bias is None:
         bias = torch.zeros(1, device=image_features.device)
     else:
-        bias = _as_bias(logit_bias, image_features.device).reshape(1)
+        bias = _as_bias(logit_bias, image_features).reshape(1)
     with torch.autocast(image_features.device.type, enabled=False):
         if torch.compiler.is_compiling():
             total = _siglip_forward_op(image_features, text_features, scale, bias, not negative_only)
@@ -579,7 +579,7 @@ class FusedClipLoss(nn.Module):
         labels = self.get_ground_truth(images.device, images.shape[0])
         bias = None
         if logit_bias is not None:
-            bias = _as_bias(logit_bias, images.device).to(images.dtype).reshape(1).expand(all_texts.shape[0])
+            bias = _as_bias(logit_bias, images).to(images.dtype).reshape(1).expand(all_texts.shape[0])
             bias = bias.contiguous()
         options = dict(scale=logit_scale, linear_bias=bias, impl=self.impl)
         per_image = linear_cross_entropy(images, all_texts, labels, **options)
@@ -676,10 +676,12 @@ def _check_features(x, y, x_name: str, y_name: str, same_rows: bool = True) -> N
         raise TypeError(f"{x_name} ({x.dtype}, {x.device}) and {y_name} ({y.dtype}, {y.device}) must match")
 
 
-def _as_scale(scale, device: torch.device, name: str) -> torch.Tensor:
-    """A 1-element fp32 tensor (fp64 stays fp64), still in the graph when ``scale`` is a tensor."""
+def _as_scale(scale, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A 1-element fp32 tensor (fp64 stays fp64), still in the graph when ``scale`` is a tensor;
+    a Python float takes the features' (``like``) compute dtype (fp64 for fp64 features)."""
+    device = like.device
     if isinstance(scale, numbers.Real):
-        return torch.full((1,), float(scale), device=device)
+        return torch.full((1,), float(scale), device=device, dtype=compute_dtype(like.dtype))
     if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
         raise ValueError(f"{name} must be a float or a 1-element float tensor, got {_describe(scale)}")
     if scale.device != device:
@@ -687,9 +689,12 @@ def _as_scale(scale, device: torch.device, name: str) -> torch.Tensor:
     return scale.reshape(1).to(compute_dtype(scale.dtype))
 
 
-def _as_bias(bias, device: torch.device) -> torch.Tensor:
+def _as_bias(bias, like: torch.Tensor) -> torch.Tensor:
+    """``logit_bias`` as a 1-element tensor on the features' (``like``) device; a Python float in
+    their compute dtype."""
+    device = like.device
     if isinstance(bias, numbers.Real):
-        return torch.full((1,), float(bias), device=device)
+        return torch.full((1,), float(bias), device=device, dtype=compute_dtype(like.dtype))
     if not isinstance(bias, torch.Tensor) or bias.numel() != 1 or not bias.dtype.is_floating_point:
         raise ValueError(f"logit_bias must be None, a float or a 1-element float tensor, got {_describe(bias)}")
     if bias.device != device:

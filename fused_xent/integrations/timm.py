@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import weakref
 from typing import NamedTuple
 
 import torch
@@ -131,7 +130,9 @@ class FusedHeadLoss(nn.Module):
         if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
         self.classifier = classifier
-        self._model: weakref.ref | None = None  # the model of from_model
+        # the model of from_model, to notice a head replaced later (reset_classifier): a plain
+        # reference in __dict__ (not a submodule), so that copies and pickles of the loss follow it
+        self.__dict__["_model"] = None
         self.label_smoothing = float(label_smoothing)
         self.reduction = reduction
         self.ignore_index = ignore_index
@@ -144,7 +145,7 @@ class FusedHeadLoss(nn.Module):
         if not hasattr(model, "get_classifier"):
             raise TypeError(f"model must be a timm model with get_classifier(), got {type(model).__name__}")
         loss = cls(model.get_classifier(), label_smoothing, **kwargs)
-        loss._model = weakref.ref(model)  # to notice a head replaced later (reset_classifier)
+        loss.__dict__["_model"] = model
         return loss
 
     def forward(
@@ -157,7 +158,7 @@ class FusedHeadLoss(nn.Module):
         """Loss of ``pre_logits`` (N, D) (or (N, D, 1, 1) for a conv head) against ``target``:
         (N,) class indices, (N, C) probabilities, or a :class:`MixedTarget`; ``target2`` (N,)
         and ``lam`` (float or (N,)) give Mixup / CutMix as two labels and a weight."""
-        model = self._model() if self._model is not None else None
+        model = self.__dict__["_model"]
         if model is not None and model.get_classifier() is not self.classifier:
             raise RuntimeError(
                 f"{type(model).__name__}.get_classifier() is no longer the classifier this loss was built on "
@@ -249,10 +250,14 @@ class PreLogits(nn.Module):
         features = self.model.forward_features(x)
         pre_logits = self.training if pre_logits is None else pre_logits
         classifier = self.model.get_classifier()
-        if pre_logits and self.__dict__.get("_checked") is not classifier and not torch.compiler.is_compiling():
-            check_head(self.model, features)
-            self.__dict__["_checked"] = classifier  # in __dict__: not a submodule, not in the state dict
+        if pre_logits and self.__dict__.get("_checked") is not classifier:
+            self._check_head(features, classifier)
         return self.model.forward_head(features, pre_logits=pre_logits)
+
+    @torch.compiler.disable  # under torch.compile: a graph break, the check eager (then guarded off)
+    def _check_head(self, features: torch.Tensor, classifier: nn.Module) -> None:
+        check_head(self.model, features)
+        self.__dict__["_checked"] = classifier  # in __dict__: not a submodule, not in the state dict
 
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()
@@ -303,7 +308,9 @@ def check_head(model: nn.Module, features: torch.Tensor) -> None:
         hook.remove()
         with torch.no_grad():
             for b, saved in buffers:
-                b.copy_(saved)
+                # through .data: no version bump, since the trunk's BatchNorm saved its running
+                # statistics for the backward of this same step (copy_ on them failed it)
+                b.data.copy_(saved)
     name = type(model).__name__
     if len(seen) != 1:
         raise ValueError(

@@ -28,7 +28,6 @@ outside the loss) and must run eagerly; later calls compile with
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -143,13 +142,24 @@ class _Transforms:
     unknown_softcap: bool  # tanh without a known softcap field
 
 
-@functools.cache
+#: ``_forward_transforms`` per class (a plain dict: compiled code reads it; the first call
+#: for a model, which runs eagerly, fills it)
+_TRANSFORMS: dict[type, _Transforms | None] = {}
+
+
 def _forward_transforms(cls: type) -> _Transforms | None:
     """What ``cls.forward`` does to its logits, read once per class from its source (None when
     the source cannot be read: then every field set in the config counts). A field set in the
     config is applied only where the forward uses it: Gemma 3's ``ForConditionalGeneration``
     keeps ``final_logit_softcapping`` in its text config but applies none, HyperCLOVAX multiplies
     by ``logits_scaling`` where Granite divides."""
+    if cls not in _TRANSFORMS:
+        _TRANSFORMS[cls] = _read_transforms(cls)
+    return _TRANSFORMS[cls]
+
+
+@torch.compiler.disable  # reads source code; compiled code finds the class in _TRANSFORMS already
+def _read_transforms(cls: type) -> _Transforms | None:
     try:
         source = inspect.getsource(cls.forward)
     except (OSError, TypeError):
