@@ -11,11 +11,13 @@ One code path for every family, through the model's public pieces only:
   take an unshifted ``CrossEntropyLoss``, and are refused;
 - the head is ``model.get_output_embeddings()``: weight W (V, D), tied or not, bias b or None;
 - the logits transformers would form are ``z = softcap(s * (h @ W.T + b))`` with
-  ``softcap`` from ``config.final_logit_softcapping`` (Gemma 2 and later) and the scale ``s``
-  from the logit-scaling fields (:data:`LOGIT_SCALE_FIELDS`);
+  ``softcap`` from the softcap fields (:data:`SOFTCAP_FIELDS`: Gemma 2 and later,
+  RecurrentGemma) and the scale ``s`` from the logit-scaling fields
+  (:data:`LOGIT_SCALE_FIELDS`), each where the class's ``forward`` uses it;
 - the loss is ``ForCausalLMLoss``'s: position t predicts ``labels[t + 1]``, ``-100`` is
   ignored, the mean over kept tokens, or their sum over ``num_items_in_batch`` when given;
-  a MoE model's ``router_aux_loss_coef * aux_loss`` is added as its forward adds it.
+  a MoE model's ``router_aux_loss_coef * aux_loss`` and Bamba's z-loss are added as its
+  forward adds them.
 
 Nothing copies a family's ``forward``. The first call for a model compares the logits the
 model itself returns for the last position with ``z`` above and raises if they differ, so a
