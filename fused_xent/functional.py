@@ -508,11 +508,14 @@ def linear_cross_entropy(
         target2, lam: mixup / cutmix as a second label per row and its weight
             ``1 - lam``; ``lam`` a float or a tensor of ``target``'s shape.
         return_lse: also return the per-row log-sum-exp (differentiable, fp32).
-        impl: "auto" picks "fast" on CUDA when its workspace fits in ``memory_budget``, "lean"
-            otherwise, and "chunked" on CPU. "lean": class chunks through cuBLAS with fused
+        impl: "auto" picks "fast" on CUDA when its workspace fits in ``memory_budget`` and the
+            input is not float16, "lean" otherwise, and "chunked" on CPU. "lean": class chunks through cuBLAS with fused
             Triton kernels between them (exact, memory: one chunk beyond the gradients, 4
             GEMMs). "fast": row chunks holding every class, the gradients formed during the
-            forward (exact, 3 GEMMs; needs reduction "mean" or "sum" without return_lse;
+            forward (exact, 3 GEMMs; needs reduction "mean" or "sum" without return_lse; in
+            float16 the gradients are formed at the unscaled size, before the upstream gradient
+            such as a GradScaler's loss scale is known, so their small entries flush: use
+            "lean" under a GradScaler;
             memory: one chunk of logits plus half of dW in fp32). "filtered": lean, skipping
             the classes whose gradient stays below the dtype's resolution (eps / 32) on every
             row (opt-in, not exact); the forward bounds every class's probability over the
@@ -719,6 +722,10 @@ def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_bud
                 "impl='fast' forms the gradients during the forward and needs reduction='mean' or 'sum' "
                 f"without return_lse (got reduction={reduction!r}, return_lse={return_lse}); use impl='lean'"
             )
+        return None
+    if x.dtype == torch.float16 and impl == "auto":
+        # fast forms the gradients here, before the upstream gradient (a GradScaler's loss scale)
+        # is known: at the unscaled size (1 / N for the mean) fp16 flushes their small entries
         return None
     from fused_xent.kernels.row_chunked import MIN_FAST_ROWS, fast_chunk_rows
 

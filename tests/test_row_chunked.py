@@ -211,6 +211,38 @@ def test_auto_takes_fast_only_where_it_fits_and_pays(monkeypatch):
     assert rows(6 * 2**30, need_grad=False) is None  # evaluation streams instead
     assert rows(2**30, impl="fast") == row_chunked.MIN_FAST_ROWS  # asked for: the smallest chunks
     assert functional._fast_rows("lean", lean, x, w, "mean", False, True, 6 * 2**30) is None
+    half = x.half(), w.half()  # float16: auto takes lean (below); "fast" when asked for
+    assert functional._fast_rows("auto", lean, *half, "mean", False, True, 6 * 2**30) is None
+    assert functional._fast_rows("fast", lean, *half, "mean", False, True, 6 * 2**30) is not None
+
+
+def test_float16_under_a_loss_scale_takes_lean():
+    """A GradScaler multiplies the loss by 65536 after the forward. "fast" forms the gradients
+    in the forward at their unscaled size (1 / N per row for the mean), where float16 flushes
+    their small entries (the session-19 pass: 5226 of 262144 dX entries exactly 0, 44x torch's
+    error, at N = 8192); "auto" on CUDA took it whenever it fitted. Here the choice itself (CPU
+    tensors take "chunked" under auto, so _fast_rows is asked as CUDA's "auto" asks it) and the
+    gradients "lean" then forms, against float64, under a loss scale of 65536: no entry of dW
+    that float64 has is flushed."""
+    N, D, C = 64, 32, 300
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, D, generator=g).half()
+    w = (torch.randn(C, D, generator=g) * 1.4).half()  # confident rows: many small p
+    y = torch.randint(0, C, (N,), generator=g)
+    lean = functional._class_chunked_backend()
+    assert functional._fast_rows("auto", lean, x, w, "mean", False, True, 2**40) is None
+    ref_w = w.double().requires_grad_()
+    torch.nn.functional.cross_entropy(x.double() @ ref_w.T, y).backward()
+
+    def flushed(fn) -> int:
+        leaf = w.detach().clone().requires_grad_()
+        (65536.0 * fn(leaf)).backward()
+        return int(((leaf.grad == 0) & (ref_w.grad != 0)).sum())
+
+    torch_flushed = flushed(lambda ww: torch.nn.functional.cross_entropy((x @ ww.T).float(), y))
+    assert flushed(lambda ww: linear_cross_entropy(x, ww, y, impl="lean")) <= torch_flushed
+    fast_flushed = flushed(lambda ww: linear_cross_entropy(x, ww, y, impl="fast"))
+    assert fast_flushed > 10 * max(torch_flushed, 1)  # what auto no longer takes for float16
 
 
 @pytest.mark.parametrize("impl", ["lean", "filtered"])
