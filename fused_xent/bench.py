@@ -42,7 +42,9 @@ SWEEPS = {
     "rows": [dict(N=n, D=4096, C=128256, compile=False) for n in (2048, 4096, 8192, 16384, 32768)],
     "cpu": [dict(N=n, D=64, C=1000, compile=False) for n in (64, 256)],
 }
-SWEEP_METHODS = ["torch_eager", "fused_xent[lean]", "fused_xent[fast]", "cce", "liger"]
+SWEEP_METHODS = ["torch_eager", "fused_xent[auto]", "fused_xent[lean]", "fused_xent[fast]", "cce", "liger"]
+#: The axis each sweep varies.
+SWEEP_AXIS = {"classes": "C", "rows": "N", "cpu": "N"}
 
 
 def methods(case: dict, device: str) -> dict:
@@ -276,6 +278,11 @@ def to_markdown(env: dict, rows: list[dict], title: str = "fused_xent benchmark"
     return "\n".join(lines) + "\n"
 
 
+def _json_row(row: dict) -> dict:
+    """``row`` with NaN (a figure not measured: peak memory on the CPU) as null: strict JSON."""
+    return {k: None if isinstance(v, float) and v != v else v for k, v in row.items()}
+
+
 def plot_sweeps(rows: list[dict], env: dict, path: str) -> None:
     """Time against classes and peak memory against rows, one line per method."""
     import matplotlib
@@ -283,18 +290,22 @@ def plot_sweeps(rows: list[dict], env: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [("classes", "C", "fwbw_ms", "fw+bw ms"), ("classes", "C", "peak_fwbw_mib", "peak extra MiB"),
-              ("rows", "N", "fwbw_ms", "fw+bw ms"), ("rows", "N", "peak_fwbw_mib", "peak extra MiB")]  # fmt: skip
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+    swept = [s for s in SWEEPS if any(r.get("sweep") == s for r in rows)]
+    panels = [(s, SWEEP_AXIS[s], y, label) for s in swept for y, label in (("fwbw_ms", "fw+bw ms"),
+              ("peak_fwbw_mib", "peak extra MiB"))]  # fmt: skip
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    axes = axes[0]
     for ax, (sweep, xkey, ykey, label) in zip(axes, panels, strict=True):
-        done = [r for r in rows if r.get("sweep") == sweep and "error" not in r]
+        done = [r for r in rows if r.get("sweep") == sweep and "error" not in r and r[ykey] == r[ykey]]  # not NaN
         for method in sorted({r["method"] for r in done}):
             pts = sorted((r[xkey], r[ykey]) for r in done if r["method"] == method)
             ax.plot(*zip(*pts, strict=True), marker="o", label=method)
         ax.set(xscale="log", yscale="log", xlabel=xkey, ylabel=label, title=f"{label} vs {xkey} ({sweep} sweep)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, bf16, {env['date'][:10]}")
+        if done:
+            ax.legend(fontsize=7)
+    dtype = "bf16" if torch.cuda.is_available() else "fp32"
+    fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {dtype}, {env['date'][:10]}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -309,10 +320,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     names = args.cases or (["gemma2"] if device == "cuda" else ["cpu_small"])
+    for name, known, what in [(n, CASES, "case") for n in names] + [(s, SWEEPS, "sweep") for s in args.sweep]:
+        if name not in known:  # before any run: a bad name must not cost a whole case first
+            parser.error(f"unknown {what} {name!r}; choose from {sorted(known)}")
     rows = []
     for name in names:
-        if name not in CASES:
-            parser.error(f"unknown case {name!r}; choose from {sorted(CASES)}")
         rows += run_case(name, CASES[name], device, args.only)
     for sweep in args.sweep:
         for i, case in enumerate(SWEEPS[sweep]):
@@ -322,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.out:
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(dict(env=env, rows=rows), f, indent=1)
+            json.dump(dict(env=env, rows=[_json_row(r) for r in rows]), f, indent=1, allow_nan=False)
         with open(os.path.join(args.out, "bench.md"), "w") as f:
             f.write(md)
         if args.sweep:
