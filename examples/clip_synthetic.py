@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> float:
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    for name in ("steps", "dim"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 1 <= args.concepts <= VOCAB // WORDS_PER_CONCEPT:  # each concept owns its caption words
+        parser.error(f"--concepts must lie in [1, {VOCAB // WORDS_PER_CONCEPT}], got {args.concepts}")
 
     torch.manual_seed(0)
     device = torch.device(args.device)

@@ -59,7 +59,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("steps", "eval_batches", "batch_size", "seq_len", "hidden", "layers", "heads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.vocab_size < 512:  # the byte-level BPE starts from 256 bytes plus its specials
+        p.error(f"--vocab-size must be at least 512 (a byte-level BPE), got {args.vocab_size}")
+    return args
 
 
 def stdlib_sources() -> list[Path]:

@@ -38,6 +38,10 @@ def main() -> None:
     parser.add_argument("--smoothing", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.epochs < 1:
+        parser.error(f"--epochs must be at least 1, got {args.epochs}")
+    if args.batch_size < 2 or args.batch_size % 2:  # timm's Mixup pairs the batch with its reverse
+        parser.error(f"--batch-size must be an even number >= 2 (Mixup), got {args.batch_size}")
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)  # Mixup draws from numpy, as timm's
     device = "cuda" if torch.cuda.is_available() else "cpu"
