@@ -66,7 +66,9 @@ def install(directory: str) -> None:
 
 
 if __name__ == "__main__":
-    directory = os.environ["TORCH_LCE_DIR"]
+    directory = os.environ.get("TORCH_LCE_DIR")
+    if not directory:
+        sys.exit("set TORCH_LCE_DIR to the folder of torch >= 2.13's linear_cross_entropy modules (see the docstring)")
     install(directory)
     from fused_xent import bench
 

@@ -11,6 +11,7 @@ the loss error is the chunked path's own, and prints the row chunk each shape ge
 """
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,9 @@ import fused_xent
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     torch.manual_seed(0)
     print(f"# torch {torch.__version__}, CPU, bf16 operands; loss error = |loss - loss_fp64| / loss_fp64")
     print("| N x D x C | rows per chunk | chunked (compact) | chunked (default) | torch reference path | fused_xent |")

@@ -575,6 +575,8 @@ def linear_cross_entropy(
                 memory_budget=memory_budget,
             )
     _check_options(reduction, label_smoothing, z_loss, softcap, impl)
+    if not isinstance(return_lse, bool):  # as deterministic: a truthy string is not a choice
+        raise TypeError(f"return_lse must be a bool, got {_describe(return_lse)}")
     _check_ignore_index(ignore_index)
     memory_budget = _check_budget(memory_budget)
     impl = _deterministic_impl(impl, deterministic)

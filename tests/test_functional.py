@@ -328,6 +328,8 @@ BAD_INPUTS = [
     (dict(w=torch.randn(11)), ValueError, "linear_weight must be a (C, D)"),
     (dict(w=torch.randn(0, 6)), ValueError, "at least one class"),
     (dict(kw=dict(options="chunked")), TypeError, "options must be None or a torch.nn.LinearCrossEntropyOptions"),
+    (dict(kw=dict(return_lse="yes")), TypeError, "return_lse must be a bool"),
+    (dict(kw=dict(deterministic="no")), TypeError, "deterministic must be a bool"),
 ]
 
 
