@@ -255,18 +255,25 @@ def test_pre_logits_checks_a_plain_head_once_without_touching_the_generator():
     assert wrapped.__dict__["_checked"] is m.fc and "_checked" not in dict(wrapped.named_modules())
 
 
-def test_the_check_runs_under_torch_compile():
+def test_the_check_runs_under_torch_compile(monkeypatch):
     """A model compiled before its first step (timm's --torchcompile): the check ran only
     outside compiling, so a compiled head with a norm after the pre-logits trained on a
-    different loss; it now runs eagerly at a graph break, once."""
+    different loss; it now runs eagerly at a graph break, once (an int attribute the compiled
+    graph guards; a first version re-entered the check on every step). With fullgraph=True the
+    first step runs eagerly (a graph break cannot be traced), later ones compile."""
     torch.manual_seed(0)
     with pytest.raises(ValueError, match="transforms the pre-logits"):
         torch.compile(PreLogits(_TinyHead(nn.BatchNorm1d(6)).train()), backend="eager")(torch.randn(8, 5))
     m = _TinyHead().train()
     wrapped = PreLogits(m)
     x = torch.randn(4, 5)
-    torch.testing.assert_close(torch.compile(wrapped, backend="eager")(x), m.stem(x), rtol=0, atol=0)
-    assert wrapped.__dict__["_checked"] is m.fc
+    checks, check = [], fx_timm.check_head
+    monkeypatch.setattr(fx_timm, "check_head", lambda *a: checks.append(1) or check(*a))
+    compiled = torch.compile(wrapped, backend="eager")
+    for _ in range(4):
+        torch.testing.assert_close(compiled(x), m.stem(x), rtol=0, atol=0)
+    assert wrapped.__dict__["_checked"] is m.fc and len(checks) == 1  # once: the later graphs hold no call
+    torch.testing.assert_close(torch.compile(wrapped, backend="eager", fullgraph=True)(x), m.stem(x))  # checked
 
 
 @pytest.mark.parametrize("task", [False, True])

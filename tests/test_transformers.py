@@ -302,6 +302,28 @@ def test_config_fields_count_where_the_forward_uses_them():
         read_head(model)
 
 
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
+def test_a_subclass_calling_super_forward_keeps_its_transforms(family):
+    """A user's subclass whose forward calls ``super().forward``: the softcap or scale is read
+    from the forwards along the MRO (reading the subclass's source alone dropped Gemma 2's
+    softcap: 195.1 where the model's own loss is 30.2 once the logits grew)."""
+    base = type(tiny_model(family))
+
+    class Sub(base):
+        def forward(self, *args, logits_to_keep=0, **kwargs):
+            return super().forward(*args, logits_to_keep=logits_to_keep, **kwargs)
+
+    torch.manual_seed(0)
+    model = Sub(CONFIGS[family]()).double().eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.normal_(0.0, 20.0)  # logits far past a softcap
+    ids, labels, mask = batch()
+    ref = read_head(tiny_model(family))
+    assert (read_head(model).scale, read_head(model).softcap) == (ref.scale, ref.softcap)
+    own = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert_rel_close(causal_lm_loss(model, ids, labels, attention_mask=mask), own.double(), RTOL_OWN)
+
+
 def test_recurrent_gemma_softcap_at_large_logits():
     """RecurrentGemma caps its logits at ``config.logits_soft_cap``, a field not read before:
     its fresh logits (~0.1) sat far below the cap of 30, so the one-time head check passed and

@@ -237,6 +237,7 @@ class PreLogits(nn.Module):
             if not hasattr(model, name):
                 raise TypeError(f"model must be a timm model with {name}(), got {type(model).__name__}")
         self.model = model
+        self._checked_id = 0  # id() of the classifier check_head passed (see forward)
         # hooks rather than overriding state_dict / load_state_dict: a parent module collects and
         # loads its children through these, with the child's prefix
         self.register_state_dict_post_hook(_drop_model_prefix)
@@ -250,14 +251,19 @@ class PreLogits(nn.Module):
         features = self.model.forward_features(x)
         pre_logits = self.training if pre_logits is None else pre_logits
         classifier = self.model.get_classifier()
-        if pre_logits and self.__dict__.get("_checked") is not classifier:
+        # an int attribute, which torch.compile guards: once checked, the recompiled graph holds no call
+        if pre_logits and self._checked_id != id(classifier):
             self._check_head(features, classifier)
         return self.model.forward_head(features, pre_logits=pre_logits)
 
-    @torch.compiler.disable  # under torch.compile: a graph break, the check eager (then guarded off)
+    @torch.compiler.disable  # under torch.compile: a graph break on the first step, the check eager
     def _check_head(self, features: torch.Tensor, classifier: nn.Module) -> None:
+        if self.__dict__.get("_checked") is classifier:
+            return
         check_head(self.model, features)
-        self.__dict__["_checked"] = classifier  # in __dict__: not a submodule, not in the state dict
+        # in __dict__: not a submodule, not in the state dict; holding it keeps its id from reuse
+        self.__dict__["_checked"] = classifier
+        self._checked_id = id(classifier)
 
     def get_classifier(self) -> nn.Module:
         return self.model.get_classifier()

@@ -162,17 +162,32 @@ def _forward_transforms(cls: type) -> _Transforms | None:
 
 @torch.compiler.disable  # reads source code; compiled code finds the class in _TRANSFORMS already
 def _read_transforms(cls: type) -> _Transforms | None:
-    try:
-        source = inspect.getsource(cls.forward)
-    except (OSError, TypeError):
+    """The sources of every ``forward`` along the class's MRO (a subclass that calls
+    ``super().forward`` keeps its base's transforms). A scaling field counts where a source names
+    it, with the operator there. A softcap field set in the config counts unless no source shows
+    any softcap at all (neither a field's name, nor "softcap" / "soft_cap" / "tanh": Inkling 2
+    applies the field through a ``logit_softcap`` submodule), so it is dropped only where the
+    model plainly applies none (Gemma 3's ``ForConditionalGeneration``)."""
+    sources = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or "forward" not in vars(klass):
+            continue
+        try:
+            sources.append(inspect.getsource(vars(klass)["forward"]))
+        except (OSError, TypeError):
+            return None
+    if not sources:
         return None
+    source = "\n".join(sources)
     scales = {}
     for field in LOGIT_SCALE_FIELDS:
         if re.search(rf"\b{field}\b", source):
             op = re.search(rf"([*/])\s*[A-Za-z_][\w.]*\.{field}\b", source)
             scales[field] = None if op is None else op.group(1) == "*"
-    softcaps = tuple(f for f in SOFTCAP_FIELDS if re.search(rf"\b{f}\b", source))
-    return _Transforms(scales, softcaps, unknown_softcap="tanh" in source and not softcaps)
+    named = tuple(f for f in SOFTCAP_FIELDS if re.search(rf"\b{f}\b", source))
+    any_softcap = bool(named) or re.search(r"soft_?cap|tanh", source) is not None
+    softcaps = SOFTCAP_FIELDS if any_softcap and not named else named
+    return _Transforms(scales, softcaps, unknown_softcap="tanh" in source and not named)
 
 
 def causal_lm_loss(
