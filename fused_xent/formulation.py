@@ -161,7 +161,7 @@ def build_row_targets(
     # class) or NaN that no kept label uses leaves the loss alone, as in torch
     lse_coef = k1 if k2 is None else k1 + k2
     if eps != 0:
-        lse_coef = lse_coef + torch.where(keep_f != 0, e * a_sum, 0.0)
+        lse_coef = lse_coef + torch.where(e != 0, e * a_sum, 0.0)  # row_targets_kernel's rule
     return RowTargets(
         y1=y1,
         k1=k1,

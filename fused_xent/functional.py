@@ -574,9 +574,7 @@ def linear_cross_entropy(
                 deterministic=deterministic,
                 memory_budget=memory_budget,
             )
-    _check_options(reduction, label_smoothing, z_loss, softcap, impl)
-    if not isinstance(return_lse, bool):  # as deterministic: a truthy string is not a choice
-        raise TypeError(f"return_lse must be a bool, got {_describe(return_lse)}")
+    _check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse)
     _check_ignore_index(ignore_index)
     memory_budget = _check_budget(memory_budget)
     impl = _deterministic_impl(impl, deterministic)
@@ -766,7 +764,9 @@ def _deterministic_impl(impl: str, deterministic: bool) -> str:
     return impl  # "auto" is deterministic: lean on CUDA (no atomics), chunked torch on CPU
 
 
-def _check_options(reduction, label_smoothing, z_loss, softcap, impl) -> None:
+def _check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse) -> None:
+    if not isinstance(return_lse, bool):  # as deterministic: a truthy string is not a choice
+        raise TypeError(f"return_lse must be a bool, got {_describe(return_lse)}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if impl not in IMPLS:

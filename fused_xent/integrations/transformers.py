@@ -273,15 +273,16 @@ class _PatchedForward:
     model (a closure would keep calling the original model) and pickle can store it."""
 
     def __init__(self, model: nn.Module) -> None:
+        original = _original_forward(model)
         self.model = model
-        self.__signature__ = inspect.signature(_original_forward(model))  # what Trainer inspects
-        self.__doc__ = _original_forward(model).__doc__
+        self.__signature__ = inspect.signature(original)  # what Trainer inspects
+        self.__doc__ = original.__doc__
+        self.names = list(self.__signature__.parameters)
+        self.labels_at = self.names.index("labels") if "labels" in self.names else len(self.names)
 
     def __call__(self, *args, **kwargs):
-        model = self.model
+        model, names, labels_at = self.model, self.names, self.labels_at
         original = _original_forward(model)
-        names = list(self.__signature__.parameters)
-        labels_at = names.index("labels") if "labels" in names else len(names)
         if len(args) > len(names):
             raise TypeError(f"{type(model).__name__}.forward takes {len(names)} positional arguments, got {len(args)}")
         if kwargs.get("labels") is None and (len(args) <= labels_at or args[labels_at] is None):
@@ -535,10 +536,9 @@ def _router_aux_loss(model, output, device) -> torch.Tensor | float:
     aux = getattr(output, "aux_loss", None)
     if aux is None:
         return 0.0
-    coef = None
-    for owner in (model, model.config.get_text_config()):
-        for field in ("router_aux_loss_coef", "aux_loss_coef"):  # the second: JetMoe's
-            coef = getattr(owner, field, None) if coef is None else coef
+    owners = (model, model.config.get_text_config())
+    fields = ("router_aux_loss_coef", "aux_loss_coef")  # the second: JetMoe's
+    coef = next((c for o in owners for f in fields if (c := getattr(o, f, None)) is not None), None)
     if coef is None:
         raise ValueError(f"{type(model).__name__} returned an aux_loss but has no router_aux_loss_coef to weigh it")
     return coef * aux.to(device)
