@@ -1,7 +1,8 @@
 """Side-by-side benchmark: every linear cross-entropy available here, same inputs, one process.
 
 ``python -m fused_xent bench [case ...] [--out DIR]``. Per (case, method) it reports the
-median forward+backward time (CUDA events via ``triton.testing.do_bench``, after warm-up),
+median forward+backward time (CUDA events via ``triton.testing.do_bench``, after warm-up; on
+the CPU the median of ``CPU_REPS`` calls after one),
 the forward-only time, the peak memory beyond what was allocated before the call, and the
 errors of the loss and of the input / weight gradients against an fp32 reference on the
 same bf16-rounded values. Methods whose package is missing are skipped; a failure becomes
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -150,16 +152,22 @@ def _rel(a, b) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
+#: Timed calls per CPU measurement, after one warm-up call; their median is reported.
+CPU_REPS = 5
+
+
 def _bench(fn, device):
     if device == "cuda":
         from triton.testing import do_bench
 
         return do_bench(fn, warmup=50, rep=300, return_mode="median")
-    t0 = time.perf_counter()
-    reps = 3
-    for _ in range(reps):
+    fn()  # warm-up: first-call work (allocator, imports, caches) stays out of the median
+    times = []
+    for _ in range(CPU_REPS):
+        t0 = time.perf_counter()
         fn()
-    return (time.perf_counter() - t0) / reps * 1e3
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def host_time(fn, calls: int = 50, warmup: int = 5) -> float:
