@@ -333,6 +333,62 @@ def test_sparse_mixup_for_another_class_count_is_refused():
     FusedHeadLoss(head)(torch.randn(4, 8), MixedTarget(y, y2, lam, eps))  # no count recorded: runs
 
 
+def _train_step_matches_timm(m, x, y):
+    """One training step through ``PreLogits`` + ``FusedHeadLoss.from_model`` (the head check
+    included) against cross-entropy on the model's own logits: value and every gradient."""
+    with torch.no_grad():  # a zero-initialised head would leave the trunk without gradient
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    params = [p for p in m.parameters() if p.requires_grad]
+    ref = nn.functional.cross_entropy(m(x), y)
+    ref_grads = torch.autograd.grad(ref, params)
+    wrapped = PreLogits(m).train()
+    out = FusedHeadLoss.from_model(wrapped)(wrapped(x), y)
+    grads = torch.autograd.grad(out, params)
+    assert abs(out.item() - ref.item()) <= 1e-10 * abs(ref.item())
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert r.abs().max() > 0 and rel_err(g, r) < 1e-9
+
+
+def test_a_whole_head_module_as_classifier_takes_its_fc():
+    """sequencer2d's get_classifier() is its whole ClassifierHead (pooling, dropout, fc); the
+    layer on the pre-logits is its fc (it was refused: "got ClassifierHead")."""
+    from timm.models.sequencer import Sequencer2d
+
+    torch.manual_seed(0)
+    m = Sequencer2d(
+        num_classes=5, layers=(1, 1), patch_sizes=(4, 2), embed_dims=(8, 8), hidden_sizes=(4, 4), mlp_ratios=(1, 1)
+    ).double()
+    assert isinstance(m.get_classifier(), ClassifierHead)
+    _train_step_matches_timm(m, torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 4]))
+
+
+def test_features_as_a_list_of_stages():
+    """CoaT's forward_features returns a list of per-stage maps (its forward_head aggregates
+    them): the head check slices each (it failed on ``features.shape``)."""
+    from timm.models.coat import CoaT
+
+    torch.manual_seed(0)
+    m = CoaT(
+        img_size=32, patch_size=4, embed_dims=(16,) * 4, serial_depths=(1,) * 4, parallel_depth=1, num_heads=8,
+        mlp_ratios=(1,) * 4, num_classes=5,
+    ).double()  # fmt: skip
+    assert isinstance(m.forward_features(torch.randn(1, 3, 32, 32, dtype=torch.float64)), list)
+    _train_step_matches_timm(m, torch.randn(3, 3, 32, 32, dtype=torch.float64), torch.tensor([0, 2, 4]))
+
+
+def test_inputs_and_features_the_head_check_cannot_take_are_refused_clearly():
+    """A NaFlex dict batch (its padding mask pools the head's tokens, and PreLogits would drop
+    it: Gemma4VitClassifier trained on 1.972 for 1.978) and an auxiliary head's
+    ``(features, aux)`` pair (Inception v3 with aux_logits)."""
+    m = _TinyHead().train()
+    with pytest.raises(TypeError, match="x must be a tensor of images.*NaFlex"):
+        PreLogits(m)({"patches": torch.randn(2, 5), "patch_valid": torch.ones(2, dtype=torch.bool)})
+    m.forward_features = lambda x: (m.stem(x), m.stem(x))
+    with pytest.raises(TypeError, match="returned a tuple.*auxiliary head"):
+        PreLogits(m)(torch.randn(2, 5))
+
+
 def test_two_heads_are_refused_clearly():
     heads = (nn.Linear(4, 3), nn.Linear(4, 3))  # a distilled model's get_classifier()
     with pytest.raises(TypeError, match="tuple of 2 heads"):

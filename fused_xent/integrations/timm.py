@@ -100,6 +100,18 @@ def classifier_parameters(classifier: nn.Module) -> tuple[torch.Tensor, torch.Te
     )
 
 
+def head_classifier(model: nn.Module) -> nn.Module:
+    """The layer a timm model applies to its pre-logits: ``model.get_classifier()``, or that
+    module's ``fc`` where it is a whole head holding one (sequencer2d's ``get_classifier()``
+    is its ``ClassifierHead``: pooling, dropout, ``fc``, which ``forward_head(pre_logits=True)``
+    stops before). :func:`check_head` confirms it on the first training step."""
+    classifier = model.get_classifier()
+    fc = getattr(classifier, "fc", None)
+    if not isinstance(classifier, (nn.Linear, nn.Conv2d)) and isinstance(fc, (nn.Linear, nn.Conv2d)):
+        return fc
+    return classifier
+
+
 class FusedHeadLoss(nn.Module):
     """Cross-entropy of ``classifier(pre_logits)`` without the (N, C) logits.
 
@@ -140,11 +152,12 @@ class FusedHeadLoss(nn.Module):
 
     @classmethod
     def from_model(cls, model: nn.Module, label_smoothing: float = 0.0, **kwargs) -> FusedHeadLoss:
-        """The loss on ``model.get_classifier()`` (a timm model, or a :class:`PreLogits`)."""
+        """The loss on the model's classifier (a timm model, or a :class:`PreLogits`;
+        :func:`head_classifier`)."""
         model = model.model if isinstance(model, PreLogits) else model
         if not hasattr(model, "get_classifier"):
             raise TypeError(f"model must be a timm model with get_classifier(), got {type(model).__name__}")
-        loss = cls(model.get_classifier(), label_smoothing, **kwargs)
+        loss = cls(head_classifier(model), label_smoothing, **kwargs)
         loss.__dict__["_model"] = model
         return loss
 
@@ -159,7 +172,7 @@ class FusedHeadLoss(nn.Module):
         (N,) class indices, (N, C) probabilities, or a :class:`MixedTarget`; ``target2`` (N,)
         and ``lam`` (float or (N,)) give Mixup / CutMix as two labels and a weight."""
         model = self.__dict__["_model"]
-        if model is not None and model.get_classifier() is not self.classifier:
+        if model is not None and head_classifier(model) is not self.classifier:
             raise RuntimeError(
                 f"{type(model).__name__}.get_classifier() is no longer the classifier this loss was built on "
                 "(reset_classifier?): the loss would train the old head; build it again with FusedHeadLoss.from_model"
@@ -247,10 +260,19 @@ class PreLogits(nn.Module):
     def forward(self, x: torch.Tensor, pre_logits: bool | None = None) -> torch.Tensor:
         """Pre-logits (N, D) when ``pre_logits`` (default: ``self.training``), else logits (N, C).
         The first pre-logits call for a classifier checks that the model's logits are that
-        classifier applied to them (:func:`check_head`)."""
+        classifier applied to them (:func:`check_head`).
+
+        ``x`` is a batch of images: timm's NaFlex dict batches are refused, since their models'
+        ``forward`` hands the padding mask to ``forward_head`` (masked pooling), which this
+        forward could not pass on."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"x must be a tensor of images, got {type(x).__name__}: PreLogits calls forward_features(x) and "
+                "forward_head, so a NaFlex dict batch's padding mask would not reach the head's pooling"
+            )
         features = self.model.forward_features(x)
         pre_logits = self.training if pre_logits is None else pre_logits
-        classifier = self.model.get_classifier()
+        classifier = head_classifier(self.model)
         # an int attribute, which torch.compile guards: once checked, the recompiled graph holds no call
         if pre_logits and self._checked_id != id(classifier):
             self._check_head(features, classifier)
@@ -297,13 +319,13 @@ def check_head(model: nn.Module, features: torch.Tensor) -> None:
     and seeded alike for both calls (dropout before the pre-logits draws the same masks); the
     buffers (BatchNorm statistics) are restored afterwards. The classifier's input in the
     logits call must equal the pre-logits bit for bit, and the logits its output."""
-    classifier = model.get_classifier()
+    classifier = head_classifier(model)
     classifier_parameters(classifier)  # one Linear or 1x1 Conv2d, else a clear error
-    rows = features[:4] if features.shape[0] > 1 else features
+    rows = _first_rows(features, type(model).__name__)
     buffers = [(b, b.clone()) for b in model.buffers()]
     seen: list[torch.Tensor] = []
     hook = classifier.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    devices = [rows.device] if rows.is_cuda else []
+    devices = [t.device for t in _tensors(rows) if t.is_cuda][:1]
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(0)
@@ -335,6 +357,25 @@ def check_head(model: nn.Module, features: torch.Tensor) -> None:
             f"{name}'s logits are not its classifier's output (a second head or a transform after it), "
             "which the fused loss would skip; it cannot take this model's head"
         )
+
+
+def _tensors(features) -> list[torch.Tensor]:
+    return [features] if isinstance(features, torch.Tensor) else list(features)
+
+
+def _first_rows(features, name: str):
+    """Up to 4 rows of ``forward_features``' output: a tensor, or a list of per-stage tensors
+    (CoaT) sliced alike; anything else (Inception v3's ``(features, aux)`` pair with
+    ``aux_logits``) is refused."""
+    if isinstance(features, torch.Tensor):
+        return features[:4] if features.shape[0] > 1 else features
+    if isinstance(features, list) and features and all(isinstance(t, torch.Tensor) for t in features):
+        return [t[:4] for t in features]
+    raise TypeError(
+        f"{name}.forward_features returned a {type(features).__name__}, not a tensor or a list of tensors: "
+        "the fused loss takes one classifier on the pre-logits (a model with an auxiliary head, such as "
+        "Inception v3 with aux_logits, is not supported)"
+    )
 
 
 def _prefixed_group_matcher(model: nn.Module, coarse: bool = False):
