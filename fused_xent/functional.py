@@ -988,11 +988,16 @@ def _check_scale(scale, device, dtype) -> torch.Tensor:
         return _UNIT_SCALES[key]
     if isinstance(scale, numbers.Real):
         return torch.full((1,), float(scale), device=device, dtype=dtype)
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
-        raise ValueError(f"scale must be a float or a 1-element float tensor, got {_describe(scale)}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not is_real(scale):
+        raise ValueError(f"scale must be a float or a 1-element real tensor, got {_describe(scale)}")
     if scale.device != device:
         raise ValueError(f"scale is on {scale.device} but input is on {device}")
     return scale.reshape(1).to(dtype)
+
+
+def is_real(t: torch.Tensor) -> bool:
+    """A floating or integer tensor (an integer one is a constant, as in torch's own products)."""
+    return t.dtype.is_floating_point or not (t.dtype.is_complex or t.dtype == torch.bool)
 
 
 def _describe(obj) -> str:

@@ -394,3 +394,15 @@ def test_training_forward_nan_row_and_minus_inf_classes(impl):
     finite = [0, 1, 3, 4, 5]
     assert torch.isnan(loss[2]) and torch.isfinite(loss[finite]).all()
     assert rel_err(loss[finite], ref[finite]) < 1e-6
+
+
+def test_an_integer_scale_tensor_is_a_constant():
+    """``scale=torch.tensor(2)`` multiplies as ``2.0`` does (torch's own products take integer
+    tensors); a bool tensor is refused."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(6, 4, generator=g), torch.randn(5, 4, generator=g)
+    y = torch.randint(0, 5, (6,), generator=g)
+    want = linear_cross_entropy(x, w, y, scale=2.0)
+    torch.testing.assert_close(linear_cross_entropy(x, w, y, scale=torch.tensor(2)), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="scale"):
+        linear_cross_entropy(x, w, y, scale=torch.tensor(True))

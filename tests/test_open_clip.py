@@ -462,6 +462,22 @@ def test_distributed_modes_match_open_clip(world):
 # ------------------------------------------------------------------ bad input
 
 
+@needs_open_clip
+def test_integer_scale_and_bias_tensors_are_constants_as_in_open_clip():
+    """open_clip multiplies by an int64 ``logit_scale`` tensor (and adds an int64 bias) as by a
+    number; they were refused here."""
+    images, texts, _, _ = _features(9, 5, torch.float32, seed=23)
+    for ours_fn, ref_fn, bias in [
+        (fused.FusedClipLoss(), open_clip_loss.ClipLoss(), None),
+        (fused.FusedSigLipLoss(), open_clip_loss.SigLipLoss(), torch.tensor(-3)),
+    ]:
+        scalars = dict(logit_scale=torch.tensor(3), logit_bias=bias)
+        ours = _loss_and_grads(ours_fn, (images, texts), **scalars)
+        _assert_close(ours, _loss_and_grads(ref_fn, (images.double(), texts.double()), **scalars), rtol=2e-6)
+    with pytest.raises(ValueError, match="scale must be"):
+        fused.FusedClipLoss()(images, texts, torch.tensor(True))
+
+
 def test_bad_input_names_the_argument():
     images, texts, scale, _ = _features(4, 3, torch.float32, seed=13)
     loss = fused.FusedClipLoss()

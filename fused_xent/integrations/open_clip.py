@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fused_xent.distributed import gather_features
-from fused_xent.functional import linear_cross_entropy, on_input_device, refuse_create_graph
+from fused_xent.functional import is_real, linear_cross_entropy, on_input_device, refuse_create_graph
 from fused_xent.reference import chunk_rows, compute_dtype, matmul_wide
 
 IMPLS = ("auto", "lean", "triton", "chunked")
@@ -682,10 +682,12 @@ def _as_scale(scale, like: torch.Tensor, name: str) -> torch.Tensor:
     device = like.device
     if isinstance(scale, numbers.Real):
         return torch.full((1,), float(scale), device=device, dtype=compute_dtype(like.dtype))
-    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not scale.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float or a 1-element float tensor, got {_describe(scale)}")
+    if not isinstance(scale, torch.Tensor) or scale.numel() != 1 or not is_real(scale):
+        raise ValueError(f"{name} must be a float or a 1-element real tensor, got {_describe(scale)}")
     if scale.device != device:
         raise ValueError(f"{name} is on {scale.device} but the features are on {device}")
+    if not scale.dtype.is_floating_point:  # an integer constant, as a Python number would be
+        return scale.reshape(1).to(compute_dtype(like.dtype))
     return scale.reshape(1).to(compute_dtype(scale.dtype))
 
 
@@ -695,11 +697,11 @@ def _as_bias(bias, like: torch.Tensor) -> torch.Tensor:
     device = like.device
     if isinstance(bias, numbers.Real):
         return torch.full((1,), float(bias), device=device, dtype=compute_dtype(like.dtype))
-    if not isinstance(bias, torch.Tensor) or bias.numel() != 1 or not bias.dtype.is_floating_point:
-        raise ValueError(f"logit_bias must be None, a float or a 1-element float tensor, got {_describe(bias)}")
+    if not isinstance(bias, torch.Tensor) or bias.numel() != 1 or not is_real(bias):
+        raise ValueError(f"logit_bias must be None, a float or a 1-element real tensor, got {_describe(bias)}")
     if bias.device != device:
         raise ValueError(f"logit_bias is on {bias.device} but the features are on {device}")
-    return bias
+    return bias if bias.dtype.is_floating_point else bias.to(compute_dtype(like.dtype))
 
 
 def _check_ranks(rank: int, world_size: int) -> None:
