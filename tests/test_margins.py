@@ -99,6 +99,42 @@ def test_cosface_gradients_match_insightface():
         assert rel_err(f, r) < 1e-11
 
 
+def arc_margin_product_logits(cos, y, s, m, easy_margin):
+    """The ArcFace logits of the common ``ArcMarginProduct`` (and insightface's earlier
+    ``CombinedMarginLoss``): ``phi = c cos m - sin(theta) sin m`` at the target, with
+    ``easy_margin`` taking c where c <= 0, else ``c - sin(pi - m) m`` past ``cos(pi - m)``."""
+    phi = cos * math.cos(m) - torch.sqrt(1.0 - cos * cos) * math.sin(m)
+    if easy_margin:
+        phi = torch.where(cos > 0, phi, cos)
+    else:
+        phi = torch.where(cos > math.cos(math.pi - m), phi, cos - math.sin(math.pi - m) * m)
+    onehot = F.one_hot(y, cos.shape[1]).bool()
+    return s * torch.where(onehot, phi, cos)
+
+
+@pytest.mark.parametrize("m2", [0.5, 1.0])
+@pytest.mark.parametrize("fallback", ["linear", "easy"])
+def test_arcface_fallbacks_match_arc_margin_product(m2, fallback):
+    """Rows whose target lies at an angle past pi - m2 (where cos(theta + m2) grows again as the
+    cosine falls), and rows far from it: value and gradients of both fallbacks, exactly (the
+    target logit is formed outside the core, the same for every impl)."""
+    x, w, y = problem(24, 8, 31, spread=0.5, seed=5)
+    x[::3] = -x[::3]  # these rows point away from their class: target cosines near -1
+    cos_y = (F.normalize(x, dim=-1) * F.normalize(w[y], dim=-1)).sum(-1)
+    assert (cos_y < math.cos(math.pi - m2)).sum() >= 4 and (cos_y > 0.5).sum() >= 8
+
+    def ref_fn(a, b):
+        cos = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+        return F.cross_entropy(arc_margin_product_logits(cos, y, 30.0, m2, fallback == "easy"), y)
+
+    fused = loss_and_grads(lambda a, b: margin_cross_entropy(a, b, y, s=30.0, m2=m2, fallback=fallback), x, w)
+    ref = loss_and_grads(ref_fn, x, w)
+    for f, r in zip(fused, ref, strict=True):
+        assert rel_err(f, r) < 1e-11
+    plain = margin_cross_entropy(x, w, y, s=30.0, m2=m2)
+    assert abs(plain - fused[0]) > 1e-3 * abs(fused[0])  # the rows past pi - m2 differ without it
+
+
 @pytest.mark.parametrize("target_cos", [0.3, 0.55, 0.7])
 def test_float32_error_within_twice_torch_fp32(target_cos):
     """fp32 against the float64 reference with every row's target cosine set, others ~0:
@@ -235,6 +271,8 @@ def test_largest_scale_allowed_is_exact(impl, s, m):
         (dict(ignore_index=True), "ignore_index"),
         (dict(s=True), "s must be a finite float"),
         (dict(m1=True), "m1 must be a finite float"),
+        (dict(fallback="hard"), "fallback must be one of"),
+        (dict(m1=0.9, fallback="linear"), "fallback='linear' is ArcFace's"),
     ],
 )
 def test_bad_input_names_the_argument(kwargs, match):

@@ -72,12 +72,28 @@ _EXCLUDED = -1e4
 _CHUNK_BYTES = 32 * 2**20
 
 
-def margin_target_logit(cos: torch.Tensor, m1: float, m2: float, m3: float) -> torch.Tensor:
-    """``cos(m1 * arccos(c) + m2) - m3`` (before the scale), c clamped to +-(1 - COS_EPS)."""
+#: ArcFace's target logit where ``arccos(c) + m2`` passes pi (``c < cos(pi - m2)``), where
+#: ``cos(arccos(c) + m2)`` turns and grows again as c falls: None keeps that formula
+#: (insightface's current ``CombinedMarginLoss``); "linear" takes ``c - m2 sin(m2)`` there
+#: (insightface's earlier one, and the common ``ArcMarginProduct`` with ``easy_margin=False``);
+#: "easy" takes ``c`` wherever ``c <= 0`` (``easy_margin=True``).
+FALLBACKS = (None, "linear", "easy")
+
+
+def margin_target_logit(
+    cos: torch.Tensor, m1: float, m2: float, m3: float, fallback: str | None = None
+) -> torch.Tensor:
+    """``cos(m1 * arccos(c) + m2) - m3`` (before the scale), c clamped to +-(1 - COS_EPS);
+    ``fallback`` (ArcFace, m1 = 1): see ``FALLBACKS``."""
     if m1 == 1.0 and m2 == 0.0:
         return cos - m3  # CosFace: no arccos, no clamp
     c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
-    return torch.cos(m1 * torch.arccos(c) + m2) - m3
+    target = torch.cos(m1 * torch.arccos(c) + m2)
+    if fallback == "linear":
+        target = torch.where(cos > math.cos(math.pi - m2), target, cos - m2 * math.sin(m2))
+    elif fallback == "easy":
+        target = torch.where(cos > 0, target, cos)
+    return target - m3
 
 
 def margin_logits(
@@ -90,6 +106,7 @@ def margin_logits(
     m2: float = 0.5,
     m3: float = 0.0,
     ignore_index: int = -100,
+    fallback: str | None = None,
 ) -> torch.Tensor:
     """The materialised (N, C) margin logits (the reference; evaluation of small heads).
 
@@ -100,7 +117,7 @@ def margin_logits(
     y = torch.where(keep, target, torch.zeros_like(target))
     c_y = cos.gather(1, y[:, None])
     onehot = nn.functional.one_hot(y, cos.shape[1]).bool() & keep[:, None]
-    return s * torch.where(onehot, margin_target_logit(c_y, m1, m2, m3), cos)
+    return s * torch.where(onehot, margin_target_logit(c_y, m1, m2, m3, fallback), cos)
 
 
 class _NormalizedRows(torch.autograd.Function):
@@ -204,6 +221,7 @@ def margin_cross_entropy(
     reduction: str = "mean",
     impl: str = "auto",
     memory_budget: int | None = None,
+    fallback: str | None = None,
 ) -> torch.Tensor:
     """Combined-margin cross-entropy (ArcFace m2, CosFace m3, SphereFace m1) on cosine logits,
     without the (N, C) logits.
@@ -222,11 +240,13 @@ def margin_cross_entropy(
             by W's norms inside the class-chunked kernels (no normalised copy of W); while
             compiling, and for the other impls, the normalised copy goes to that impl.
         memory_budget: as in :func:`fused_xent.linear_cross_entropy` (sizes lean's chunk).
+        fallback: ArcFace's target logit past ``arccos(c) + m2 = pi``: None, "linear" or
+            "easy" (``FALLBACKS``; m1 = 1 only).
 
     A class outside [0, C) on a row that is not ignored raises a ValueError, except while
     compiling (the check needs a host sync): there that row's loss is NaN.
     """
-    _check_margin_options(s, m1, m2, m3, impl, ignore_index)
+    _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(input, torch.Tensor) or input.dim() != 2:
@@ -281,18 +301,22 @@ def margin_cross_entropy(
     wide = lse_rest.dtype
     block = matmul_wide(xn, wn_t.T).to(wide)  # (N, N) cosines against the batch's classes
     is_target = (col[:, None] == torch.arange(N, device=col.device)) & keep[:, None]
-    z_y = s * margin_target_logit(block.gather(1, col[:, None]), m1, m2, m3)  # (N, 1)
+    z_y = s * margin_target_logit(block.gather(1, col[:, None]), m1, m2, m3, fallback)  # (N, 1)
     block = torch.where(is_target, z_y, s * block).masked_fill(~live, float("-inf"))
     lse = torch.logaddexp(lse_rest, torch.logsumexp(block, dim=1))
     rows = torch.where(keep, lse - z_y[:, 0], torch.zeros_like(lse))
     return _reduce(rows.masked_fill(bad, float("nan")), keep, reduction)
 
 
-def _check_margin_options(s, m1, m2, m3, impl, ignore_index) -> None:
+def _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback=None) -> None:
     """The scalar arguments of :func:`margin_cross_entropy` (and :class:`MarginHead`'s)."""
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite float, got {value!r}")
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    if fallback is not None and m1 != 1.0:
+        raise ValueError(f"fallback={fallback!r} is ArcFace's (m1 = 1), got m1={m1}")
     if not s > 0:
         raise ValueError(f"s must be > 0, got {s}")
     if s * (2 + abs(m3)) > -_EXCLUDED - 100:
@@ -364,17 +388,19 @@ class MarginHead(nn.Module):
         ignore_index: int = -100,
         impl: str = "auto",
         memory_budget: int | None = None,
+        fallback: str | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        _check_margin_options(s, m1, m2, m3, impl, ignore_index)
+        _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, device=device, dtype=dtype))
         nn.init.normal_(self.weight, std=0.01)
         self.s, self.m1, self.m2, self.m3 = s, m1, m2, m3
         self.ignore_index = ignore_index
         self.impl = impl
         self.memory_budget = memory_budget
+        self.fallback = fallback
 
     def forward(self, features: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return margin_cross_entropy(
@@ -388,6 +414,7 @@ class MarginHead(nn.Module):
             ignore_index=self.ignore_index,
             impl=self.impl,
             memory_budget=self.memory_budget,
+            fallback=self.fallback,
         )
 
     def cosine(self, features: torch.Tensor) -> torch.Tensor:
@@ -397,4 +424,5 @@ class MarginHead(nn.Module):
 
     def extra_repr(self) -> str:
         C, D = self.weight.shape
-        return f"in_features={D}, num_classes={C}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3})"
+        fallback = "" if self.fallback is None else f", fallback={self.fallback!r}"
+        return f"in_features={D}, num_classes={C}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3}){fallback}"
