@@ -11,6 +11,7 @@ Tiny random-init models built from configs (no network), in float64. Two referen
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -252,7 +253,7 @@ def test_bad_models_raise_clear_errors():
                                 max_position_embeddings=64)
     )  # fmt: skip
     assert type(bart).__name__ == "BartForCausalLM"
-    with pytest.raises(ValueError, match="BartForCausalLM.forward calls its decoder directly"):
+    with pytest.raises(ValueError, match="BartForCausalLM's loss is not self.loss_function's ForCausalLMLoss"):
         causal_lm_loss(bart, ids, labels)
 
     # a transform of the logits no config field tells: the first call's head check catches it
@@ -499,3 +500,81 @@ def test_bf16_on_gpu_within_twice_torchs_error(family):
     assert abs(loss - loss_ref) <= 2 * abs(loss_own - loss_ref) + 1e-3 * abs(loss_ref)
     err, err_own = (gw - gw_ref).norm() / gw_ref.norm(), (gw_own - gw_ref).norm() / gw_ref.norm()
     assert err <= 2 * err_own, f"head gradient error {err:.3g} vs torch bf16 {err_own:.3g}"
+
+
+def test_a_loss_other_than_for_causal_lm_loss_is_refused():
+    """A model whose loss is not ForCausalLMLoss was given the shifted loss silently when its
+    forward runs the base model: a loss function set on the model (here smoothed: 5.726 for
+    5.694), CpmAnt's unshifted CrossEntropyLoss (7.793 for 7.888)."""
+    model = tiny_model("llama").eval()
+    ids, labels, _ = batch()
+    own = transformers.loss.loss_utils.ForCausalLMLoss
+    model.loss_function = lambda logits, labels, vocab_size, **kw: own(logits, labels, vocab_size, **kw) + 1.0
+    with pytest.raises(ValueError, match="LlamaForCausalLM's loss is not self.loss_function's ForCausalLMLoss"):
+        patch_model(model)(input_ids=ids, labels=labels)
+    config = transformers.CpmAntConfig(
+        vocab_size=V, hidden_size=D, num_attention_heads=4, dim_head=8, dim_ff=48, num_hidden_layers=2,
+        prompt_types=3, prompt_length=2, segment_types=3,
+    )  # fmt: skip
+    cpmant = transformers.CpmAntForCausalLM(config).eval()
+    with pytest.raises(ValueError, match="CpmAntForCausalLM's loss is not"):
+        causal_lm_loss(cpmant, ids.clamp_min(1), labels)
+
+
+def test_ignore_index_reaches_the_loss():
+    """``model(..., labels=labels, ignore_index=0)``: transformers hands the keyword to
+    ForCausalLMLoss (which also pads the shifted labels with it); it was passed to the base
+    model, which ignores it (6.008 for 5.694)."""
+    model = tiny_model("llama").eval()
+    ids, labels, mask = batch()
+    labels = torch.where(labels == -100, 0, labels)  # padding id 0 as the ignored label
+    own = model(input_ids=ids, attention_mask=mask, labels=labels, ignore_index=0).loss
+    fused = patch_model(model)(input_ids=ids, attention_mask=mask, labels=labels, ignore_index=0).loss
+    assert_rel_close(fused, own, RTOL_OWN)
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # -100 ignored only
+    assert abs(plain.item() - own.item()) > 1e-3
+
+
+@pytest.mark.parametrize("version", ["inkling", "inkling2"])
+def test_a_head_padded_past_the_vocabulary(version):
+    """Inkling and Inkling 2 slice their logits to ``config.unpadded_vocab_size`` (Inkling 2's
+    default is below its vocab_size): the head's padding rows are no class (the fused loss
+    failed on the head check's shapes). Inkling also divides its hidden states by
+    ``logits_mup_width_multiplier``."""
+    import importlib
+
+    module = importlib.import_module(f"transformers.models.{version}.modeling_{version}")
+    prefix = "Inkling2" if version == "inkling2" else "Inkling"
+    torch.manual_seed(0)
+    config = getattr(module, f"{prefix}TextConfig")(
+        vocab_size=V + 7, unpadded_vocab_size=V, hidden_size=D, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4, swa_num_key_value_heads=2, swa_head_dim=8,
+        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = getattr(module, f"{prefix}ForCausalLM")(config).eval()  # float32: its MoE's grouped GEMM takes no float64
+    with torch.no_grad():  # logits large enough for a missed scale or softcap to show
+        model.get_output_embeddings().weight.normal_(0.0, 2.0)
+    ids, labels, mask = batch()
+    own = model(input_ids=ids, attention_mask=mask, labels=labels)
+    fused = causal_lm_loss(model, ids, labels, attention_mask=mask)
+    assert_rel_close(fused, own.loss, RTOL_OWN)
+    for g, r in zip(grads(model, fused), grads(model, own.loss), strict=True):
+        if r is not None:
+            assert_rel_close(g, r, 1e-4)
+
+
+def test_data_parallel_replication_and_an_offloaded_head_are_refused():
+    """``nn.DataParallel`` copies a module's ``__dict__`` into each replica: every replica would
+    run the original's patched forward (its weights) and share its hidden-state capture across
+    threads. A head offloaded to the meta device cannot be read."""
+    model = patch_model(tiny_model("llama"))
+    with pytest.raises(RuntimeError, match="cannot be replicated by nn.DataParallel"):
+        model._replicate_for_data_parallel()
+    copy.deepcopy(model)  # still copies and pickles
+    pickle.dumps(model)
+    unpatch_model(model)
+    assert model._replicate_for_data_parallel() is not None  # nn.Module's own again
+    with torch.device("meta"):
+        model.lm_head.weight = torch.nn.Parameter(torch.empty(V, D))
+    with pytest.raises(ValueError, match="meta device"):
+        read_head(model)

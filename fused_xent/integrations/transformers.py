@@ -30,6 +30,7 @@ outside the loss) and must run eagerly; later calls compile with
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import re
 from dataclasses import dataclass
@@ -43,8 +44,14 @@ IGNORE_INDEX = -100
 
 #: Config fields that scale the head's output before the loss, and how transformers 5.x
 #: applies each: ``True`` multiplies (Cohere's ``logit_scale``, Falcon-H1's
-#: ``lm_head_multiplier``), ``False`` divides (Granite's ``logits_scaling``).
-LOGIT_SCALE_FIELDS = {"logit_scale": True, "logits_scaling": False, "lm_head_multiplier": True}
+#: ``lm_head_multiplier``), ``False`` divides (Granite's ``logits_scaling``; Inkling's
+#: ``logits_mup_width_multiplier``, on the hidden states of a head without bias: the same).
+LOGIT_SCALE_FIELDS = {
+    "logit_scale": True,
+    "logits_scaling": False,
+    "lm_head_multiplier": True,
+    "logits_mup_width_multiplier": False,
+}
 
 #: Config fields of a final logit softcap ``cap * tanh(z / cap)``: Gemma 2 and later,
 #: RecurrentGemma.
@@ -56,6 +63,7 @@ _HEAD_CHECK_TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-
 
 _ORIGINAL_FORWARD = "_fused_xent_original_forward"
 _CAPTURE = "_fused_xent_capture"
+_REPLICATE = "_replicate_for_data_parallel"
 
 
 @dataclass(frozen=True)
@@ -101,6 +109,12 @@ def read_head(model: nn.Module) -> LMHead:
             f"cannot read the LM head of {name}: get_output_embeddings() returned {type(head).__name__}, "
             "expected a module with a (vocab_size, hidden_size) weight such as nn.Linear"
         )
+    if weight.is_meta:
+        raise ValueError(
+            f"the LM head of {name} has its weight on the meta device (offloaded, e.g. by accelerate's "
+            "cpu_offload / disk offload, which loads it only inside the head's own forward): fused_xent reads "
+            "the head's weight directly, so keep lm_head on a device"
+        )
     bias = getattr(head, "bias", None)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
         raise ValueError(f"cannot read the LM head of {name}: its bias is not a ({weight.shape[0]},) tensor")
@@ -132,6 +146,10 @@ def read_head(model: nn.Module) -> LMHead:
             cap = getattr(config, field, None)
             if cap is not None and (used is None or field in used.softcaps):
                 softcap = cap
+        rows = getattr(config, "unpadded_vocab_size", None)
+        if isinstance(rows, int) and 0 < rows < weight.shape[0] and (used is None or used.unpadded):
+            # the forward slices its logits to the real tokens (Inkling): the padding rows are no class
+            weight, bias = weight[:rows], None if bias is None else bias[:rows]
     return LMHead(weight=weight, bias=bias, scale=float(scale), softcap=None if softcap is None else float(softcap))
 
 
@@ -142,6 +160,7 @@ class _Transforms:
     scales: dict  # field -> True (multiplies), False (divides), None (operator not found: the table's)
     softcaps: tuple[str, ...]
     unknown_softcap: bool  # tanh without a known softcap field
+    unpadded: bool  # slices the logits to config.unpadded_vocab_size
 
 
 #: ``_forward_transforms`` per class (a plain dict: compiled code reads it; the first call
@@ -187,7 +206,8 @@ def _read_transforms(cls: type) -> _Transforms | None:
     named = tuple(f for f in SOFTCAP_FIELDS if re.search(rf"\b{f}\b", source))
     any_softcap = bool(named) or re.search(r"soft_?cap|tanh", source) is not None
     softcaps = SOFTCAP_FIELDS if any_softcap and not named else named
-    return _Transforms(scales, softcaps, unknown_softcap="tanh" in source and not named)
+    unpadded = re.search(r"\bunpadded_vocab_size\b", source) is not None
+    return _Transforms(scales, softcaps, unknown_softcap="tanh" in source and not named, unpadded=unpadded)
 
 
 def causal_lm_loss(
@@ -251,6 +271,7 @@ def patch_model(model: nn.Module) -> nn.Module:
     # call, so that a copy of the model runs its own (a bound method would run the original's)
     model.__dict__[_ORIGINAL_FORWARD] = model.__dict__.get("forward")
     model.forward = _PatchedForward(model)
+    model.__dict__[_REPLICATE] = _refuse_replication  # shadows nn.Module's, for this instance only
     return model
 
 
@@ -261,10 +282,23 @@ def unpatch_model(model: nn.Module) -> nn.Module:
         del model.forward
         if original is not None:
             model.forward = original
+    model.__dict__.pop(_REPLICATE, None)
     capture = model.__dict__.pop(_CAPTURE, None)
     if capture is not None:
         capture.remove()
     return model
+
+
+def _refuse_replication():
+    """A patched model's ``_replicate_for_data_parallel``: ``nn.DataParallel`` (``Trainer`` with
+    several GPUs in one process) copies a module's ``__dict__`` into each replica, so every replica
+    would run the original's patched forward, on the original's weights, and the replicas' threads
+    would share one hidden-state capture."""
+    raise RuntimeError(
+        "a model patched by fused_xent cannot be replicated by nn.DataParallel (its replicas would run the "
+        "original model's forward and share its hidden-state capture); use DistributedDataParallel (torchrun, "
+        "accelerate launch: one process per GPU), or unpatch_model first"
+    )
 
 
 class _PatchedForward:
@@ -301,7 +335,8 @@ def _original_forward(model: nn.Module):
     if _ORIGINAL_FORWARD not in model.__dict__:
         return model.forward
     original = model.__dict__[_ORIGINAL_FORWARD]
-    return original if original is not None else type(model).forward.__get__(model, type(model))
+    # a partial, not a bound method: torch 2.11's dynamo cannot trace function.__get__ (fullgraph)
+    return original if original is not None else functools.partial(type(model).forward, model)
 
 
 def _check_logits_to_keep(model: nn.Module, forward) -> None:
@@ -316,13 +351,16 @@ def _check_logits_to_keep(model: nn.Module, forward) -> None:
 def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_in_batch, kwargs):
     """Run ``forward`` without logits, then the fused loss; returns (output with loss, loss)."""
     head = read_head(model)
-    _check_logits_to_keep(model, forward)
     if kwargs.get("logits_to_keep") not in (None, 0):
         raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position")
     kwargs.pop("logits_to_keep", None)
     shift_labels = kwargs.pop("shift_labels", None)
     user_return_dict = kwargs.pop("return_dict", None)
-    targets = _shift(labels, shift_labels)
+    # ForCausalLMLoss's keyword, which the model's forward hands its loss (the base model ignores it)
+    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    targets = _shift(labels, shift_labels, ignore_index)
     base = model.base_model
     if base is model:  # base_model_prefix names no attribute (Llama 4's text model): the usual one
         base = getattr(model, "model", None)
@@ -332,7 +370,14 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
                 "and it has no .model"
             )
 
-    capture = _hidden_state_capture(model, base)
+    capture = _hidden_state_capture(model, base, forward)
+    if not capture.shifted_loss:
+        raise ValueError(
+            f"{type(model).__name__}'s loss is not self.loss_function's ForCausalLMLoss (a loss function set on "
+            "the model, or a forward with a loss of its own: the BART family's and CpmAnt's unshifted "
+            "CrossEntropyLoss, Granite Speech's masked one), so fused_xent's shifted loss would differ from "
+            "model(..., labels).loss; call fused_xent.linear_cross_entropy on its hidden states instead"
+        )
     check = not capture.head_checked
     positions = torch.arange(targets.shape[-1] - 1, targets.shape[-1]) if check else torch.empty(0, dtype=torch.long)
     capture.armed, capture.hidden = True, None
@@ -352,13 +397,6 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
             f"{type(base).__name__} (model.base_model) did not run during {type(model).__name__}.forward, "
             "so fused_xent finds no hidden states to take the loss from"
         )
-    if capture.from_decoder and not capture.shifted_loss:
-        raise ValueError(
-            f"{type(model).__name__}.forward calls its decoder directly and its loss is not "
-            "self.loss_function's ForCausalLMLoss (the BART family's *ForCausalLM take an unshifted "
-            "CrossEntropyLoss on the labels as given), so fused_xent's shifted loss would differ from "
-            "model(..., labels).loss; call fused_xent.linear_cross_entropy on its decoder's hidden states instead"
-        )
     if tuple(h.shape[:-1]) != tuple(targets.shape):
         raise ValueError(
             f"labels have shape {tuple(targets.shape)} but the model's hidden states have shape {tuple(h.shape)}; "
@@ -376,7 +414,7 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
         targets.to(h.device),
         linear_bias=b,
         reduction="mean" if num_items_in_batch is None else "sum",
-        ignore_index=IGNORE_INDEX,
+        ignore_index=ignore_index,
         scale=None if head.scale == 1.0 else head.scale,
         softcap=head.softcap,
         return_lse=z_coef > 0,
@@ -408,22 +446,20 @@ def _as_tuple(output) -> tuple:
 class _HiddenStateCapture:
     """The forward hooks on ``model.base_model`` and on its ``decoder`` (where it has one) that
     keep the last hidden state while armed (one call of :func:`_fused_forward`) and do nothing
-    otherwise: the base model's, which runs after its decoder, wins; ``from_decoder`` says the
-    base model did not run. Also records that the model's head passed :func:`_check_head`.
-    Plain objects (no closures), so that a deep copy of the model gets its own capture, hooked
-    to its own modules, and the model pickles."""
+    otherwise: the base model's, which runs after its decoder, wins. Also records that the
+    model's head passed :func:`_check_head`. Plain objects (no closures), so that a deep copy
+    of the model gets its own capture, hooked to its own modules, and the model pickles."""
 
     def __init__(self, shifted_loss: bool) -> None:
         self.armed = False
         self.hidden: torch.Tensor | None = None
-        self.from_decoder = False
         self.head_checked = False
         #: ``_shifted_loss_function`` of the model, read once (eagerly: it reads source code)
         self.shifted_loss = shifted_loss
         self.handles: list = []
 
-    def register(self, module: nn.Module, from_decoder: bool) -> None:
-        self.handles.append(module.register_forward_hook(_CaptureHook(self, from_decoder)))
+    def register(self, module: nn.Module) -> None:
+        self.handles.append(module.register_forward_hook(_CaptureHook(self)))
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -437,18 +473,18 @@ class _HiddenStateCapture:
 class _CaptureHook:
     """One forward hook of a :class:`_HiddenStateCapture`."""
 
-    def __init__(self, capture: _HiddenStateCapture, from_decoder: bool) -> None:
-        self.capture, self.from_decoder = capture, from_decoder
+    def __init__(self, capture: _HiddenStateCapture) -> None:
+        self.capture = capture
 
     def __call__(self, module, args, out) -> None:
-        capture = self.capture
-        if capture.armed:
-            capture.hidden, capture.from_decoder = _last_hidden_state(out), self.from_decoder
+        if self.capture.armed:
+            self.capture.hidden = _last_hidden_state(out)
 
 
-def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapture:
+def _hidden_state_capture(model: nn.Module, base: nn.Module, forward) -> _HiddenStateCapture:
     """The model's capture hook, registered by its first call and kept: torch.compile cannot
-    trace registering a hook, nor the head check's host sync, so the first call runs eagerly."""
+    trace registering a hook, nor the head check's host sync, nor the signature and source
+    reads, so the first call runs eagerly."""
     capture = model.__dict__.get(_CAPTURE)
     if capture is not None and capture.head_checked:
         return capture
@@ -460,34 +496,38 @@ def _hidden_state_capture(model: nn.Module, base: nn.Module) -> _HiddenStateCapt
             "without torch.compile, then compile"
         )
     if capture is None:
+        _check_logits_to_keep(model, forward)
         capture = _HiddenStateCapture(_shifted_loss_function(model))
         decoder = getattr(base, "decoder", None)
         if isinstance(decoder, nn.Module) and decoder is not base:
-            capture.register(decoder, from_decoder=True)
-        capture.register(base, from_decoder=False)
+            capture.register(decoder)
+        capture.register(base)
         model.__dict__[_CAPTURE] = capture
     return capture
 
 
 def _shifted_loss_function(model: nn.Module) -> bool:
-    """Whether ``model.forward`` takes its loss from ``self.loss_function`` and that is
-    transformers' ``ForCausalLMLoss`` (the loss this module computes): OPT's is."""
+    """Whether the model's ``forward`` (one along its class's MRO: a subclass may call
+    ``super().forward``) takes its loss from ``self.loss_function`` and that is transformers'
+    ``ForCausalLMLoss``, the loss this module computes; read on the first call."""
     try:
         from transformers.loss.loss_utils import ForCausalLMLoss
 
-        source = inspect.getsource(type(model).forward)
+        sources = [inspect.getsource(vars(k)["forward"]) for k in type(model).__mro__ if "forward" in vars(k)]
     except (ImportError, OSError, TypeError):
         return False
-    return "self.loss_function(" in source and getattr(model, "loss_function", None) is ForCausalLMLoss
+    uses = any("self.loss_function(" in source for source in sources)
+    return uses and getattr(model, "loss_function", None) is ForCausalLMLoss
 
 
-def _shift(labels, shift_labels) -> torch.Tensor:
-    """Targets per position: ``labels[:, t + 1]``, -100 at the last position, as transformers shifts."""
+def _shift(labels, shift_labels, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Targets per position: ``labels[:, t + 1]``, ``ignore_index`` at the last position, as
+    transformers shifts."""
     if shift_labels is not None:
         return shift_labels
     if not isinstance(labels, torch.Tensor) or labels.dtype.is_floating_point or labels.dim() < 1:
         raise ValueError(f"labels must be an integer tensor of shape (B, T), got {labels!r}")
-    return nn.functional.pad(labels[..., 1:], (0, 1), value=IGNORE_INDEX)
+    return nn.functional.pad(labels[..., 1:], (0, 1), value=ignore_index)
 
 
 def _operand_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -518,6 +558,11 @@ def _check_head(model, head: LMHead, h_kept: torch.Tensor, model_logits: torch.T
     name = type(model).__name__
     if model_logits is None or tuple(model_logits.shape[:-1]) != tuple(h_kept.shape[:-1]):
         raise ValueError(f"{name}.forward did not return the logits of the positions in logits_to_keep")
+    if model_logits.shape[-1] != head.weight.shape[0]:
+        raise ValueError(
+            f"{name}'s logits have {model_logits.shape[-1]} classes but its head (get_output_embeddings()) has "
+            f"{head.weight.shape[0]} rows: the forward slices or extends the logits in a way fused_xent does not know"
+        )
     with torch.no_grad():
         ref = model_logits.to(torch.float64 if model_logits.dtype == torch.float64 else torch.float32)
         ours = head.logits(h_kept)
