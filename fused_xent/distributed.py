@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import zlib
 
 import torch
 import torch.distributed as dist
@@ -120,7 +121,9 @@ def shard_row_targets(
     the smoothing mass ``eps / C`` uses the global C; ``lse_coef`` (whose smoothing term
     holds the sum of all class weights) and ``row_weight`` are summed over ranks (one
     all-reduce of 2N floats). The local parts come from ``build_row_targets`` itself: a
-    label outside the shard is sent to one extra class of weight 0 past the shard's end.
+    label outside the shard is sent to one extra class of weight 0 past the shard's end; a
+    kept label outside [0, C) makes its row NaN on every rank (no index past the shard's
+    weights: the range check is deferred on CUDA and skipped while compiling).
     """
     local_weight = class_weight if class_weight is not None else torch.ones(num_local, device=target.device)
     local_weight = local_weight.to(dtype)
@@ -135,11 +138,12 @@ def shard_row_targets(
     keep = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
 
     def local(t):
-        # in-shard labels -> [0, C_local); other valid labels -> C_local, the extra class of
-        # weight 0; invalid ones -> C, which build_row_targets turns into NaN on every rank
+        # in-shard labels -> [0, C_local); every other one -> C_local, the extra class of weight 0
         mine = (t >= class_offset) & (t < class_offset + num_local)
-        valid = (t >= 0) & (t < C)
-        return torch.where(mine, t - class_offset, torch.where(valid, num_local, C))
+        return torch.where(mine, t - class_offset, num_local)
+
+    def invalid(t):  # a kept label outside [0, C): NaN on every rank (the range check may be deferred)
+        return None if t is None else keep & ((t < 0) | (t >= C))
 
     ignored = -1  # not a value `local` produces, unlike a user's ignore_index in [0, C)
     rt = build_row_targets(
@@ -151,6 +155,9 @@ def shard_row_targets(
         opts=opts,
         dtype=dtype,
     )
+    bad = invalid(target) if target2 is None else invalid(target) | invalid(target2)
+    nan = float("nan")
+    rt = dataclasses.replace(rt, k1=rt.k1.masked_fill(bad, nan), lse_coef=rt.lse_coef.masked_fill(bad, nan))
     sums = torch.stack([rt.lse_coef, rt.row_weight])
     dist.all_reduce(sums, group=group)
 
@@ -271,7 +278,15 @@ def linear_cross_entropy(
     impl = functional._deterministic_impl(impl, deterministic)
     x, w, b = functional._check_linear(input, linear_weight, linear_bias)
     num_local = w.shape[0]
-    C = _global_classes(class_offset, num_local, num_classes, group, x.device)
+    grad = torch.is_grad_enabled() and any(
+        isinstance(p, torch.Tensor) and p.requires_grad for p in (x, w, b, scale)
+    )  # fmt: skip
+    call = (  # what must agree across ranks, beside the shards: checked where the shards are gathered
+        tuple(x.shape), str(x.dtype), str(w.dtype), b is not None, weight is not None, _describe_rows(target),
+        _describe_rows(target2), _describe_rows(lam), _describe_rows(scale), reduction, ignore_index,
+        float(label_smoothing), float(z_loss), softcap, return_lse, reduce_input_grad, impl, grad,
+    )  # fmt: skip
+    C = _global_classes(class_offset, num_local, num_classes, group, x.device, call)
     batch_shape = input.shape[:-1]
     dense = target.is_floating_point() if isinstance(target, torch.Tensor) else False
     if dense and target.requires_grad:
@@ -313,8 +328,21 @@ def linear_cross_entropy(
     return (loss, lse.reshape(batch_shape)) if return_lse else loss
 
 
-def _global_classes(class_offset, num_local, num_classes, group, device) -> int:
-    """The global C, checked against this rank's shard (and every shard when not given)."""
+def _describe_rows(value):
+    """A per-row argument as the ranks must agree on it: a tensor's shape and dtype (its values
+    would cost a collective of their own; probabilities' last dim is the rank's own classes),
+    a number itself."""
+    if isinstance(value, torch.Tensor):
+        shape = value.shape[:-1] if value.is_floating_point() and value.dim() > 1 else value.shape
+        return tuple(shape), str(value.dtype)
+    return value
+
+
+def _global_classes(class_offset, num_local, num_classes, group, device, call=()) -> int:
+    """The global C, checked against this rank's shard (and every shard when not given). When not
+    given, the same gather also checks that every rank made the same ``call`` (input shape and
+    dtype, per-row arguments' shapes, options): a rank that differs would otherwise enter the
+    collectives with other sizes (gloo aborts the process, NCCL may hang) or give a wrong loss."""
     if isinstance(class_offset, bool) or not isinstance(class_offset, numbers.Integral) or class_offset < 0:
         raise ValueError(f"class_offset must be an int >= 0, got {class_offset!r}")
     if num_classes is not None:
@@ -327,10 +355,18 @@ def _global_classes(class_offset, num_local, num_classes, group, device) -> int:
             )
         return int(num_classes)
     world = dist.get_world_size(group)
-    mine = torch.tensor([class_offset, num_local], dtype=torch.int64, device=device)
+    fingerprint = zlib.crc32(repr(call).encode())
+    mine = torch.tensor([class_offset, num_local, fingerprint], dtype=torch.int64, device=device)
     shards = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(shards, mine, group=group)
-    table = sorted(tuple(s.tolist()) for s in shards)
+    gathered = [s.tolist() for s in shards]
+    if len({g[2] for g in gathered}) > 1:
+        differs = [r for r, g in enumerate(gathered) if g[2] != fingerprint]
+        raise ValueError(
+            f"rank {dist.get_rank(group)}'s call differs from rank(s) {differs}' (input shape or dtype, the "
+            f"per-row arguments' shapes, or the options): every rank must call with the same; this rank's: {call}"
+        )
+    table = sorted(tuple(g[:2]) for g in gathered)
     end = 0
     for offset, count in table:
         if offset != end:

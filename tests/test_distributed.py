@@ -252,6 +252,71 @@ def _run_gather(rank: int, world: int) -> list[str]:
     return errors
 
 
+def _run_cross_rank(rank: int, world: int) -> list[str]:
+    """Calls the ranks make differently are refused on every rank, by the shards' gather (a
+    different N aborted gloo's process; a different smoothing gave a loss neither rank's);
+    a rank whose whole shard has a -inf bias (padding classes) leaves the loss finite through
+    the no-grad forwards too (it was NaN there: exp(-inf - -inf)); a label outside [0, C)
+    makes its row NaN where the range check is not run (no index past the shard's weights)."""
+    offset, n_local = sum(SHARDS[world][:rank]), SHARDS[world][rank]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    w_all = torch.randn(C, 6, dtype=torch.float64, generator=g)
+    y = torch.randint(0, C - SHARDS[world][-1], (8,), generator=g)  # none in the last shard
+    w = w_all[offset : offset + n_local]
+    errors = []
+    rows = 8 - rank  # a different N on each rank
+    calls = [(x, w, y, dict(label_smoothing=0.1 * rank)), (x[:rows], w, y[:rows], {})]
+    calls.append((x.float() if rank else x, w.float() if rank else w, y, {}))  # another dtype on rank 1
+    for xx, ww, yy, kw in calls:
+        try:
+            distributed.linear_cross_entropy(xx, ww, yy, class_offset=offset, **kw)
+            errors.append(f"{kw}, N {len(yy)}, {xx.dtype} on rank {rank}: no error")
+        except ValueError as e:
+            if "call differs" not in str(e):
+                errors.append(f"{kw}: {e!r}")
+    b_all = torch.zeros(C, dtype=torch.float64)
+    b_all[C - SHARDS[world][-1] :] = float("-inf")
+    want = fused_xent.linear_cross_entropy(x, w_all, y, linear_bias=b_all, impl="chunked")
+    impls = ["chunked"] + (["lean", "triton"] if os.environ.get("TRITON_INTERPRET") == "1" else [])
+    for impl in impls:
+        dtype = torch.float64 if impl == "chunked" else torch.float32
+        b = b_all[offset : offset + n_local].to(dtype)
+        with torch.no_grad():
+            got = distributed.linear_cross_entropy(
+                x.to(dtype), w.to(dtype), y, linear_bias=b, class_offset=offset, impl=impl
+            )
+        if not abs(got.item() - want.item()) <= 1e-5 * abs(want.item()):
+            errors.append(f"masked shard, {impl}, no grad: {got.item()} for {want.item()}")
+    bad = torch.tensor([1, C + 5, -7, 2])
+    opts = distributed.XentOptions(num_classes=C, label_smoothing=0.1)
+    weights = torch.rand(n_local, dtype=torch.float64)
+    rt = distributed.shard_row_targets(
+        bad, target2=None, lam=None, class_weight=weights, ignore_index=-100, opts=opts, class_offset=offset,
+        num_local=n_local,
+    )  # fmt: skip
+    if rt.lse_coef.isnan().tolist() != [False, True, True, False]:
+        errors.append(f"out-of-range labels: lse_coef {rt.lse_coef.tolist()}")
+    return errors
+
+
+def _run_siglip_fp16(rank: int, world: int) -> list[str]:
+    """FusedSigLipLoss's "reduce" / "gather" keep an unused block in the graph as zeros: fp16 text
+    features whose sum passes 65504 made that 0 * inf = NaN ("bidir" was right)."""
+    from fused_xent.integrations.open_clip import FusedSigLipLoss
+
+    images = torch.zeros(4, 16, dtype=torch.float16)
+    images[:, 0] = 1.0
+    texts = torch.zeros(4, 16, dtype=torch.float16)
+    texts[:, 1:] = 1200.0  # orthogonal to the images (every logit is the bias); their sum, 72000, is inf in fp16
+    losses = {}
+    for impl in ("bidir", "reduce", "gather"):
+        loss_fn = FusedSigLipLoss(rank=rank, world_size=world, dist_impl=impl)
+        losses[impl] = loss_fn(images, texts.requires_grad_(), torch.tensor(10.0), torch.tensor(-10.0)).item()
+    want = losses["bidir"]
+    return [f"{impl}: {v} for bidir's {want}" for impl, v in losses.items() if not abs(v - want) <= 1e-3 * abs(want)]
+
+
 def _worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu") -> None:
     torch.set_num_threads(1)
     if device == "cuda":
@@ -265,6 +330,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str, device: str = "cpu")
         jobs["bad_inputs"] = lambda: _run_bad_inputs(rank, world)
         jobs["create_graph"] = lambda: _run_create_graph(rank, world)
         jobs["gather_features"] = lambda: _run_gather(rank, world)
+        jobs["cross_rank"] = lambda: _run_cross_rank(rank, world)
+        jobs["siglip_fp16"] = lambda: _run_siglip_fp16(rank, world)
     try:
         for name, job in jobs.items():
             interpreted = device == "cpu" and CASES.get(name, {}).get("opts", {}).get("impl")
@@ -312,7 +379,7 @@ def world_results(request, tmp_path_factory):
     return world, [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize("name", [*CASES, "bad_inputs", "create_graph", "gather_features"])
+@pytest.mark.parametrize("name", [*CASES, "bad_inputs", "create_graph", "gather_features", "cross_rank", "siglip_fp16"])
 def test_matches_single_process(world_results, name):
     world, per_rank = world_results
     for rank, results in enumerate(per_rank):

@@ -626,7 +626,8 @@ class FusedSigLipLoss(nn.Module):
         if self.world_size > 1:
             for texts, used in self._other_texts(text_features):
                 # an unused all_reduce output stays in the graph: every rank must run its backward collective
-                loss = loss + (block(texts) if used else 0.0 * texts.sum())
+                # (zeros summed, not 0 * sum: an fp16 sum past 65504 is inf, and 0 * inf NaN)
+                loss = loss + (block(texts) if used else (texts * 0.0).sum())
         return {"contrastive_loss": loss} if output_dict else loss
 
     def _other_texts(self, text_features):

@@ -182,7 +182,10 @@ def linear_xent_forward(x, w, b, scale, rt, opts, need_lin: bool = True):
     )  # fmt: skip
     m, s, lin = partial
     m_max = m.max(dim=0).values
-    lse = m_max + torch.log((s * torch.exp(m - m_max)).sum(dim=0))
+    # a reference of 0 for a row with no class at all (every split -inf: a shard of the sharded
+    # loss whose classes all have a -inf bias), whose lse is -inf, not exp(-inf - -inf) = NaN
+    m_ref = torch.where(m_max == float("-inf"), 0.0, m_max)
+    lse = m_ref + torch.log((s * torch.exp(m - m_ref)).sum(dim=0))
     return lse, lin.sum(dim=0)
 
 
