@@ -997,7 +997,7 @@ def _check_scale(scale, device, dtype) -> torch.Tensor:
 
 def is_real(t: torch.Tensor) -> bool:
     """A floating or integer tensor (an integer one is a constant, as in torch's own products)."""
-    return t.dtype.is_floating_point or not (t.dtype.is_complex or t.dtype == torch.bool)
+    return not t.is_quantized and (t.dtype.is_floating_point or not (t.dtype.is_complex or t.dtype == torch.bool))
 
 
 def _describe(obj) -> str:

@@ -406,3 +406,5 @@ def test_an_integer_scale_tensor_is_a_constant():
     torch.testing.assert_close(linear_cross_entropy(x, w, y, scale=torch.tensor(2)), want, rtol=0, atol=0)
     with pytest.raises(ValueError, match="scale"):
         linear_cross_entropy(x, w, y, scale=torch.tensor(True))
+    with pytest.raises(ValueError, match="scale"):  # an integer dtype underneath, but not a number
+        linear_cross_entropy(x, w, y, scale=torch.quantize_per_tensor(torch.tensor([2.0]), 0.1, 0, torch.qint8))

@@ -376,3 +376,19 @@ def test_gpu_1m_classes_within_lean_memory():
     assert abs(loss.item() - ref[0]) <= 2 * abs(eager[0] - ref[0]) + 1e-3 * ref[0]
     for f, e, r in zip((xb.grad, wb.grad), eager[1:], ref[1:], strict=True):
         assert rel_err(f, r) <= 2 * rel_err(e, r)
+
+
+def test_fallback_checked_everywhere_and_old_heads_load():
+    """An unknown fallback is refused by the helpers too (a typo gave the plain formula there);
+    a head pickled before the option existed (no ``fallback`` attribute) runs the plain formula."""
+    from fused_xent.integrations.margins import margin_target_logit
+
+    x, w, y = problem(6, 8, 11)
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        margin_target_logit(torch.rand(3), 1.0, 0.5, 0.0, "Linear")
+    with pytest.raises(ValueError, match="fallback must be one of"):
+        margin_logits(x, w, y, fallback="linear ")
+    head = MarginHead(8, 11, s=30.0, dtype=torch.float64)
+    want = head(x, y)
+    del head.__dict__["fallback"]
+    torch.testing.assert_close(head(x, y), want, rtol=0, atol=0)

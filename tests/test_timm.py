@@ -360,6 +360,7 @@ def test_a_whole_head_module_as_classifier_takes_its_fc():
         num_classes=5, layers=(1, 1), patch_sizes=(4, 2), embed_dims=(8, 8), hidden_sizes=(4, 4), mlp_ratios=(1, 1)
     ).double()
     assert isinstance(m.get_classifier(), ClassifierHead)
+    assert FusedHeadLoss(m.get_classifier()).classifier is m.get_classifier().fc
     _train_step_matches_timm(m, torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.tensor([1, 4]))
 
 

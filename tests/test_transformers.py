@@ -561,10 +561,10 @@ def test_a_head_padded_past_the_vocabulary(version):
             assert_rel_close(g, r, 1e-4)
 
 
-def test_data_parallel_replication_and_an_offloaded_head_are_refused():
+def test_data_parallel_replication_is_refused():
     """``nn.DataParallel`` copies a module's ``__dict__`` into each replica: every replica would
     run the original's patched forward (its weights) and share its hidden-state capture across
-    threads. A head offloaded to the meta device cannot be read."""
+    threads."""
     model = patch_model(tiny_model("llama"))
     with pytest.raises(RuntimeError, match="cannot be replicated by nn.DataParallel"):
         model._replicate_for_data_parallel()
@@ -572,7 +572,87 @@ def test_data_parallel_replication_and_an_offloaded_head_are_refused():
     pickle.dumps(model)
     unpatch_model(model)
     assert model._replicate_for_data_parallel() is not None  # nn.Module's own again
+
+
+class _SmoothedLlama(transformers.LlamaForCausalLM):
+    """A user's subclass with a loss of its own (it calls the base forward without labels)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        out = super().forward(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=logits_to_keep,
+                              **kwargs)  # fmt: skip
+        if labels is not None:
+            out.loss = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), label_smoothing=0.1
+            )
+        return out
+
+
+class _PassThroughLlama(transformers.LlamaForCausalLM):
+    """A subclass that hands its labels on to the base forward: the base's loss."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                               logits_to_keep=logits_to_keep, **kwargs)  # fmt: skip
+
+
+def test_the_loss_check_reads_the_forward_that_runs():
+    """A subclass's own loss was accepted (8.556 for 8.515) since a forward further up the MRO
+    calls self.loss_function; one that passes its labels to super().forward keeps the base's."""
+    ids, labels, mask = batch()
+    smoothed = _SmoothedLlama(CONFIGS["llama"]()).eval()
+    with pytest.raises(ValueError, match="_SmoothedLlama's loss is not"):
+        causal_lm_loss(smoothed, ids, labels)
+    through = _PassThroughLlama(CONFIGS["llama"]()).double().eval()
+    own = through(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert_rel_close(causal_lm_loss(through, ids, labels, attention_mask=mask), own.double(), RTOL_OWN)
+
+
+def test_patched_before_its_weights_load():
+    """Built on the meta device, patched, then materialised and loaded (init_empty_weights, FSDP2):
+    the meta-device check belongs to the loss call, not to patching (patching failed)."""
+    real = tiny_model("llama").eval()
     with torch.device("meta"):
-        model.lm_head.weight = torch.nn.Parameter(torch.empty(V, D))
+        model = transformers.AutoModelForCausalLM.from_config(CONFIGS["llama"]()).double()
+    patch_model(model)
+    ids, labels, _ = batch()
     with pytest.raises(ValueError, match="meta device"):
-        read_head(model)
+        model(input_ids=ids, labels=labels)
+    model.to_empty(device="cpu").load_state_dict(real.state_dict())
+    with torch.no_grad():  # the rotary frequencies are not in the state dict
+        for name, buffer in real.named_buffers():
+            model.get_buffer(name).copy_(buffer)
+    model.eval()
+    assert_rel_close(
+        model(input_ids=ids, labels=labels).loss, real(input_ids=ids, labels=labels).loss.double(), RTOL_OWN
+    )
+
+
+def test_replicas_of_a_model_with_a_capture_are_refused_and_ignore_index_takes_integers():
+    """causal_lm_loss on an unpatched model inside nn.DataParallel: its replicas shared the
+    capture (8 of 400 losses wrong in a CPU simulation). ignore_index as numpy / tensor ints."""
+    import numpy as np
+
+    model = tiny_model("llama").eval()
+    ids, labels, mask = batch()
+    causal_lm_loss(model, ids, labels)
+    with pytest.raises(RuntimeError, match="nn.DataParallel"):
+        model._replicate_for_data_parallel()
+    with pytest.raises(RuntimeError, match="nn.DataParallel"):
+        copy.deepcopy(model)._replicate_for_data_parallel()
+    padded = torch.where(labels == -100, 0, labels)
+    want = model(input_ids=ids, labels=padded, ignore_index=0).loss.double()
+    for index in (np.int64(0), torch.tensor(0)):
+        assert_rel_close(causal_lm_loss(model, ids, padded, ignore_index=index), want, RTOL_OWN)
+    with pytest.raises(ValueError, match="ignore_index must be an int"):
+        causal_lm_loss(model, ids, padded, ignore_index=0.5)
+
+
+def test_a_projection_before_the_head_is_named():
+    """Electra's generator projects its hidden states to the embedding size before the head: a
+    ValueError saying so (it was a raw RuntimeError from the head check's product)."""
+    config = transformers.ElectraConfig(vocab_size=V, embedding_size=16, hidden_size=D, num_hidden_layers=2,
+                                        num_attention_heads=4, intermediate_size=48, is_decoder=True)  # fmt: skip
+    model = transformers.ElectraForCausalLM(config).eval()
+    ids, labels, _ = batch()
+    with pytest.raises(ValueError, match="hidden states have 32 features but its head"):
+        causal_lm_loss(model, ids, labels)

@@ -76,7 +76,8 @@ _CHUNK_BYTES = 32 * 2**20
 #: ``cos(arccos(c) + m2)`` turns and grows again as c falls: None keeps that formula
 #: (insightface's current ``CombinedMarginLoss``); "linear" takes ``c - m2 sin(m2)`` there
 #: (insightface's earlier one, and the common ``ArcMarginProduct`` with ``easy_margin=False``);
-#: "easy" takes ``c`` wherever ``c <= 0`` (``easy_margin=True``).
+#: "easy" takes ``c`` itself wherever ``c <= 0`` (every such target, not only those past pi:
+#: ``ArcMarginProduct`` with ``easy_margin=True``).
 FALLBACKS = (None, "linear", "easy")
 
 
@@ -85,6 +86,8 @@ def margin_target_logit(
 ) -> torch.Tensor:
     """``cos(m1 * arccos(c) + m2) - m3`` (before the scale), c clamped to +-(1 - COS_EPS);
     ``fallback`` (ArcFace, m1 = 1): see ``FALLBACKS``."""
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
     if m1 == 1.0 and m2 == 0.0:
         return cos - m3  # CosFace: no arccos, no clamp
     c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
@@ -240,8 +243,9 @@ def margin_cross_entropy(
             by W's norms inside the class-chunked kernels (no normalised copy of W); while
             compiling, and for the other impls, the normalised copy goes to that impl.
         memory_budget: as in :func:`fused_xent.linear_cross_entropy` (sizes lean's chunk).
-        fallback: ArcFace's target logit past ``arccos(c) + m2 = pi``: None, "linear" or
-            "easy" (``FALLBACKS``; m1 = 1 only).
+        fallback: None (the formula above everywhere), "linear" (``c - m2 sin m2`` past
+            ``arccos(c) + m2 = pi``) or "easy" (``c`` wherever ``c <= 0``); ``FALLBACKS``,
+            ArcFace (m1 = 1) only.
 
     A class outside [0, C) on a row that is not ignored raises a ValueError, except while
     compiling (the check needs a host sync): there that row's loss is NaN.
@@ -375,6 +379,9 @@ class MarginHead(nn.Module):
     CosFace. ``forward(features (N, D), target (N,))`` returns the loss;
     :meth:`cosine` gives the (N, C) cosines for evaluation of small batches.
     """
+
+    #: a class default: a head pickled before the option existed loads with the plain formula
+    fallback: str | None = None
 
     def __init__(
         self,

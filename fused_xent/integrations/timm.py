@@ -102,10 +102,15 @@ def classifier_parameters(classifier: nn.Module) -> tuple[torch.Tensor, torch.Te
 
 def head_classifier(model: nn.Module) -> nn.Module:
     """The layer a timm model applies to its pre-logits: ``model.get_classifier()``, or that
-    module's ``fc`` where it is a whole head holding one (sequencer2d's ``get_classifier()``
-    is its ``ClassifierHead``: pooling, dropout, ``fc``, which ``forward_head(pre_logits=True)``
-    stops before). :func:`check_head` confirms it on the first training step."""
-    classifier = model.get_classifier()
+    module's ``fc`` where it is a whole head holding one (:func:`_layer_on_pre_logits`).
+    :func:`check_head` confirms it on the first training step."""
+    return _layer_on_pre_logits(model.get_classifier())
+
+
+def _layer_on_pre_logits(classifier: nn.Module) -> nn.Module:
+    """``classifier``, or its ``fc`` where it is a whole head holding one: sequencer2d's
+    ``get_classifier()`` is its ``ClassifierHead`` (pooling, dropout, ``fc``), which
+    ``forward_head(pre_logits=True)`` stops before."""
     fc = getattr(classifier, "fc", None)
     if not isinstance(classifier, (nn.Linear, nn.Conv2d)) and isinstance(fc, (nn.Linear, nn.Conv2d)):
         return fc
@@ -138,6 +143,7 @@ class FusedHeadLoss(nn.Module):
         impl: str = "auto",
     ) -> None:
         super().__init__()
+        classifier = _layer_on_pre_logits(classifier)  # a whole head module: its fc
         classifier_parameters(classifier)  # fail at construction, not at the first step
         if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")

@@ -6,18 +6,18 @@ One code path for every family, through the model's public pieces only:
   position (or one position, on the first call, to check the head; see below), so the head
   projects nothing; a forward hook on ``model.base_model`` keeps its last hidden state
   ``h`` (B, T, D). A forward that calls the base model's ``decoder`` directly (OPT's) is
-  taken through a hook there, when that forward's loss is ``self.loss_function`` and it is
-  ``ForCausalLMLoss``; the BART family's ``*ForCausalLM`` also call their decoder directly but
-  take an unshifted ``CrossEntropyLoss``, and are refused;
+  taken through a hook there. Every model's loss must be ``self.loss_function`` and that
+  ``ForCausalLMLoss`` (read on the first call); others are refused (the BART family and
+  CpmAnt take an unshifted ``CrossEntropyLoss``, Granite Speech a masked one);
 - the head is ``model.get_output_embeddings()``: weight W (V, D), tied or not, bias b or None;
 - the logits transformers would form are ``z = softcap(s * (h @ W.T + b))`` with
   ``softcap`` from the softcap fields (:data:`SOFTCAP_FIELDS`: Gemma 2 and later,
   RecurrentGemma) and the scale ``s`` from the logit-scaling fields
   (:data:`LOGIT_SCALE_FIELDS`), each where the class's ``forward`` uses it;
-- the loss is ``ForCausalLMLoss``'s: position t predicts ``labels[t + 1]``, ``-100`` is
-  ignored, the mean over kept tokens, or their sum over ``num_items_in_batch`` when given;
-  a MoE model's ``router_aux_loss_coef * aux_loss`` and Bamba's z-loss are added as its
-  forward adds them.
+- the loss is ``ForCausalLMLoss``'s: position t predicts ``labels[t + 1]``, ``-100`` (or the
+  ``ignore_index`` passed to the model) is ignored, the mean over kept tokens, or their sum
+  over ``num_items_in_batch`` when given; a MoE model's ``router_aux_loss_coef * aux_loss``
+  and Bamba's z-loss are added as its forward adds them.
 
 Nothing copies a family's ``forward``. The first call for a model compares the logits the
 model itself returns for the last position with ``z`` above and raises if they differ, so a
@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import operator
 import re
 from dataclasses import dataclass
 
@@ -51,6 +52,7 @@ LOGIT_SCALE_FIELDS = {
     "logits_scaling": False,
     "lm_head_multiplier": True,
     "logits_mup_width_multiplier": False,
+    "output_multiplier": True,  # MuseGlimmer's, before its softcap
 }
 
 #: Config fields of a final logit softcap ``cap * tanh(z / cap)``: Gemma 2 and later,
@@ -108,12 +110,6 @@ def read_head(model: nn.Module) -> LMHead:
         raise ValueError(
             f"cannot read the LM head of {name}: get_output_embeddings() returned {type(head).__name__}, "
             "expected a module with a (vocab_size, hidden_size) weight such as nn.Linear"
-        )
-    if weight.is_meta:
-        raise ValueError(
-            f"the LM head of {name} has its weight on the meta device (offloaded, e.g. by accelerate's "
-            "cpu_offload / disk offload, which loads it only inside the head's own forward): fused_xent reads "
-            "the head's weight directly, so keep lm_head on a device"
         )
     bias = getattr(head, "bias", None)
     if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
@@ -227,8 +223,9 @@ def causal_lm_loss(
 
     Args:
         model: a transformers causal LM (``*ForCausalLM`` or any model whose ``forward``
-            takes ``logits_to_keep`` and whose head is ``get_output_embeddings()``), patched
-            by :func:`patch_model` or not.
+            takes ``logits_to_keep``, whose head is ``get_output_embeddings()`` and whose loss
+            is ``self.loss_function``'s ``ForCausalLMLoss``), patched by :func:`patch_model` or
+            not. Its loss function is read on the first call (one set later is not seen).
         input_ids: (B, T) token ids, or None with ``inputs_embeds`` in ``model_kwargs``.
         labels: (B, T) int64 target ids, ``-100`` where ignored; unshifted, as for the model.
         attention_mask: (B, T), passed to the model.
@@ -310,7 +307,7 @@ class _PatchedForward:
         original = _original_forward(model)
         self.model = model
         self.__signature__ = inspect.signature(original)  # what Trainer inspects
-        self.__doc__ = original.__doc__
+        self.__doc__ = getattr(original, "func", original).__doc__  # a partial's is functools'.
         self.names = list(self.__signature__.parameters)
         self.labels_at = self.names.index("labels") if "labels" in self.names else len(self.names)
 
@@ -351,6 +348,12 @@ def _check_logits_to_keep(model: nn.Module, forward) -> None:
 def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_in_batch, kwargs):
     """Run ``forward`` without logits, then the fused loss; returns (output with loss, loss)."""
     head = read_head(model)
+    if head.weight.is_meta:  # not at patch time: a model may be patched before its weights load
+        raise ValueError(
+            f"the LM head of {type(model).__name__} has its weight on the meta device (not loaded yet, or offloaded "
+            "by accelerate's cpu_offload / disk offload, which loads it only inside the head's own forward): "
+            "fused_xent reads the head's weight directly, so keep lm_head on a device"
+        )
     if kwargs.get("logits_to_keep") not in (None, 0):
         raise ValueError("logits_to_keep cannot be combined with labels: the loss needs every position")
     kwargs.pop("logits_to_keep", None)
@@ -358,8 +361,12 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     user_return_dict = kwargs.pop("return_dict", None)
     # ForCausalLMLoss's keyword, which the model's forward hands its loss (the base model ignores it)
     ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+    try:  # an int, a numpy integer or a 0-d integer tensor, as transformers takes them
+        ignore_index = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+    except TypeError:
+        ignore_index = None
+    if ignore_index is None:
+        raise ValueError(f"ignore_index must be an int, got {kwargs.get('ignore_index', '?')!r}")
     targets = _shift(labels, shift_labels, ignore_index)
     base = model.base_model
     if base is model:  # base_model_prefix names no attribute (Llama 4's text model): the usual one
@@ -503,21 +510,38 @@ def _hidden_state_capture(model: nn.Module, base: nn.Module, forward) -> _Hidden
             capture.register(decoder)
         capture.register(base)
         model.__dict__[_CAPTURE] = capture
+        model.__dict__[_REPLICATE] = _refuse_replication  # its replicas would share this capture
     return capture
 
 
 def _shifted_loss_function(model: nn.Module) -> bool:
-    """Whether the model's ``forward`` (one along its class's MRO: a subclass may call
-    ``super().forward``) takes its loss from ``self.loss_function`` and that is transformers'
-    ``ForCausalLMLoss``, the loss this module computes; read on the first call."""
+    """Whether the model's loss is ``self.loss_function`` and that is transformers'
+    ``ForCausalLMLoss``, the loss this module computes; read on the first call. The forward
+    that runs must call it, or hand its labels on to ``super().forward`` (a subclass's), whose
+    forward is then read the same way; a forward that does neither has a loss of its own.
+    Where a source cannot be read (a generated class), the model's ``loss_function`` decides."""
     try:
         from transformers.loss.loss_utils import ForCausalLMLoss
-
-        sources = [inspect.getsource(vars(k)["forward"]) for k in type(model).__mro__ if "forward" in vars(k)]
-    except (ImportError, OSError, TypeError):
+    except ImportError:
         return False
-    uses = any("self.loss_function(" in source for source in sources)
-    return uses and getattr(model, "loss_function", None) is ForCausalLMLoss
+    if getattr(model, "loss_function", None) is not ForCausalLMLoss:
+        return False
+    for klass in type(model).__mro__:
+        if "forward" not in vars(klass):
+            continue
+        try:
+            source = inspect.getsource(vars(klass)["forward"])
+        except (OSError, TypeError):
+            return True
+        if "self.loss_function(" in source:
+            return True
+        if not re.search(r"super\([^)]*\)\.forward\(", source):
+            return False
+        # labels handed on: by name where the forward names them, else inside *args / **kwargs
+        named = "labels" in inspect.signature(vars(klass)["forward"]).parameters
+        if not re.search(r"\blabels\s*=\s*labels\b" if named else r"\*\w", source):
+            return False
+    return False
 
 
 def _shift(labels, shift_labels, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
@@ -558,6 +582,12 @@ def _check_head(model, head: LMHead, h_kept: torch.Tensor, model_logits: torch.T
     name = type(model).__name__
     if model_logits is None or tuple(model_logits.shape[:-1]) != tuple(h_kept.shape[:-1]):
         raise ValueError(f"{name}.forward did not return the logits of the positions in logits_to_keep")
+    if h_kept.shape[-1] != head.weight.shape[1]:
+        raise ValueError(
+            f"{name}'s hidden states have {h_kept.shape[-1]} features but its head (get_output_embeddings()) takes "
+            f"{head.weight.shape[1]}: the forward transforms the hidden states before the head (a projection, as "
+            "Electra's and RemBert's), which fused_xent does not know"
+        )
     if model_logits.shape[-1] != head.weight.shape[0]:
         raise ValueError(
             f"{name}'s logits have {model_logits.shape[-1]} classes but its head (get_output_embeddings()) has "
