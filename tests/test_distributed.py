@@ -375,7 +375,9 @@ def world_results(request, tmp_path_factory):
     fused_xent.linear_cross_entropy(torch.randn(2, 3, requires_grad=True), torch.randn(4, 3), torch.zeros(2).long())
     if world == 2:
         _has_open_clip()
-    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method="fork")
+    # fork once CUDA is initialised (earlier GPU tests in this process) breaks the children: spawn there
+    method = "spawn" if torch.cuda.is_initialized() else "fork"
+    mp.start_processes(_worker, args=(world, _free_port(), str(out_dir)), nprocs=world, start_method=method)
     return world, [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world)]
 
 
