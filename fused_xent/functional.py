@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fused_xent import reference
 from fused_xent.formulation import RowTargets, XentOptions, build_row_targets, row_loss
@@ -582,6 +583,13 @@ def linear_cross_entropy(
     C, D = w.shape
     if D == 0:  # no features: the logits are the bias, nothing to fuse (and no kernel for empty rows)
         impl = "reference"
+    if _without_data(x, w, b, target, scale):
+        if impl not in ("auto", "reference"):
+            raise ValueError(
+                f"impl={impl!r} cannot run under a torch.func transform (grad, vjp, jacrev, vmap) or on meta / "
+                "fake tensors: its kernels need the tensors' storage; use impl='auto' or 'reference' there"
+            )
+        impl = "reference"  # plain torch operations, which the transforms and the meta device go through
     batch_shape = input.shape[:-1]
     dense = target.is_floating_point() if isinstance(target, torch.Tensor) else False
     if dense and ignore_index not in (None, -100):  # torch refuses it too; -100 is the default of both
@@ -737,8 +745,11 @@ def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_bud
 
 
 def _autocast_dtype(input) -> torch.dtype | None:
-    """The dtype autocast gives ``F.linear``'s operands on ``input``'s device; None when off."""
-    if not isinstance(input, torch.Tensor) or not torch.is_autocast_enabled(input.device.type):
+    """The dtype autocast gives ``F.linear``'s operands on ``input``'s device; None when off
+    (and on devices autocast does not know, such as meta)."""
+    if not isinstance(input, torch.Tensor) or input.device.type not in ("cuda", "cpu"):
+        return None
+    if not torch.is_autocast_enabled(input.device.type):
         return None
     return torch.get_autocast_dtype(input.device.type)
 
@@ -748,6 +759,21 @@ def _autocast_operand(t, dtype: torch.dtype):
     if isinstance(t, torch.Tensor) and t.dtype in (torch.float32, torch.float16, torch.bfloat16):
         return t.to(dtype)
     return t
+
+
+def _without_data(*values) -> bool:
+    """Whether a tensor among ``values`` has no storage a kernel or the host could read: on the
+    meta device, a fake tensor (shape propagation outside compiling: FLOP counters, memory
+    estimators), or wrapped by a torch.func transform (grad, vjp, jacrev, vmap). Not while
+    compiling, where the custom ops' fake implementations take such tensors."""
+    if torch.compiler.is_compiling():
+        return False
+    for t in values:
+        if isinstance(t, torch.Tensor) and (
+            t.is_meta or isinstance(t, FakeTensor) or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        ):
+            return True
+    return False
 
 
 def _deterministic_impl(impl: str, deterministic: bool) -> str:
@@ -907,8 +933,8 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
     and the first later call that finds the copy complete raises; meanwhile the offending
     rows' loss is NaN (``build_row_targets``), never a silently wrong number. Skipped while
     compiling or capturing a CUDA graph (NaN rows only)."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
-        return
+    if t.numel() == 0 or torch.compiler.is_compiling() or _without_data(t, t2, lam_rows):
+        return  # (under a torch.func transform or on meta: the NaN rows only, as while compiling)
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
     keep = None if ignore_index is None else t != ignore_index

@@ -5,7 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fused_xent.functional import _check_torch_options, linear_cross_entropy
+from fused_xent.functional import (
+    _check_budget,
+    _check_ignore_index,
+    _check_options,
+    _check_torch_options,
+    _deterministic_impl,
+    linear_cross_entropy,
+)
 
 
 class LinearCrossEntropyLoss(nn.Module):
@@ -33,6 +40,13 @@ class LinearCrossEntropyLoss(nn.Module):
     ) -> None:
         super().__init__()
         _check_torch_options(options)
+        # the options' own checks at construction (tensor-dependent ones wait for the call)
+        _check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse)
+        _check_ignore_index(ignore_index)
+        _check_budget(memory_budget)
+        _deterministic_impl(impl, deterministic)
+        if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
+            raise ValueError(f"weight must be None or a (C,) tensor of class weights, got {weight!r}")
         self.register_buffer("weight", weight)
         self.reduction = reduction
         self.ignore_index = ignore_index

@@ -231,3 +231,47 @@ def test_a_transposed_16_bit_weight(impl):
     want = (ref, *torch.autograd.grad(ref, (x64, w64, s64)))
     for a, b in zip(got, want, strict=True):
         assert ((a.double() - b).norm() / b.norm()).item() < 2e-2
+
+
+def test_torch_func_transforms_and_meta_tensors():
+    """torch.func's grad / vmap and meta tensors have no storage for the kernels or the host
+    range check: "auto" takes the plain-torch reference there (it failed on every impl but
+    "reference": setup_context, storage access, ``.tolist()``; meta failed in autocast's
+    query), an explicit kernel impl is refused by name."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(5, 4, dtype=torch.float64, generator=g), torch.randn(7, 4, dtype=torch.float64, generator=g)
+    y = torch.randint(0, 7, (5,), generator=g)
+
+    def torch_loss(w_):
+        return torch.nn.functional.cross_entropy(x @ w_.T, y, label_smoothing=0.1)
+
+    def ours(w_, impl="auto"):
+        return linear_cross_entropy(x, w_, y, label_smoothing=0.1, impl=impl)
+
+    torch.testing.assert_close(torch.func.grad(ours)(w), torch.func.grad(torch_loss)(w), rtol=1e-10, atol=1e-12)
+    xs, ys = torch.randn(3, 5, 4, dtype=torch.float64, generator=g), torch.randint(0, 7, (3, 5), generator=g)
+    batched = torch.vmap(lambda a, t: linear_cross_entropy(a, w, t))(xs, ys)
+    want = torch.stack([torch.nn.functional.cross_entropy(a @ w.T, t) for a, t in zip(xs, ys, strict=True)])
+    torch.testing.assert_close(batched, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="impl='chunked' cannot run under a torch.func transform"):
+        torch.func.grad(lambda w_: ours(w_, impl="chunked"))(w)
+    meta = linear_cross_entropy(x.to("meta"), w.to("meta"), y.to("meta"), reduction="none")
+    assert meta.is_meta and meta.shape == (5,)
+
+
+def test_module_checks_its_options_when_built():
+    from fused_xent import LinearCrossEntropyLoss
+
+    for kwargs, match in [
+        (dict(reduction="bogus"), "reduction"),
+        (dict(label_smoothing=2.0), "label_smoothing"),
+        (dict(impl="nope"), "impl"),
+        (dict(softcap=0), "softcap"),
+        (dict(ignore_index=1.5), "ignore_index"),
+        (dict(memory_budget=-5), "memory_budget"),
+        (dict(return_lse="yes"), "return_lse"),
+        (dict(impl="triton", deterministic=True), "not deterministic"),
+        (dict(weight=torch.ones(2, 3)), "weight"),
+    ]:
+        with pytest.raises((ValueError, TypeError), match=match):
+            LinearCrossEntropyLoss(**kwargs)
