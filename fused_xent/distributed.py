@@ -278,11 +278,10 @@ def linear_cross_entropy(
     impl = functional._deterministic_impl(impl, deterministic)
     x, w, b = functional._check_linear(input, linear_weight, linear_bias)
     num_local = w.shape[0]
-    grad = torch.is_grad_enabled() and any(
-        isinstance(p, torch.Tensor) and p.requires_grad for p in (x, w, b, scale)
-    )  # fmt: skip
+    # the backward's collectives run where x or a tensor scale needs grad (a rank's own shard may be frozen)
+    grad = torch.is_grad_enabled() and any(isinstance(p, torch.Tensor) and p.requires_grad for p in (x, scale))
     call = (  # what must agree across ranks, beside the shards: checked where the shards are gathered
-        tuple(x.shape), str(x.dtype), str(w.dtype), b is not None, weight is not None, _describe_rows(target),
+        tuple(x.shape), str(x.dtype), str(w.dtype), b is not None, weight is not None, _describe_rows(target, True),
         _describe_rows(target2), _describe_rows(lam), _describe_rows(scale), reduction, ignore_index,
         float(label_smoothing), float(z_loss), softcap, return_lse, reduce_input_grad, impl, grad,
     )  # fmt: skip
@@ -328,12 +327,12 @@ def linear_cross_entropy(
     return (loss, lse.reshape(batch_shape)) if return_lse else loss
 
 
-def _describe_rows(value):
+def _describe_rows(value, is_target: bool = False):
     """A per-row argument as the ranks must agree on it: a tensor's shape and dtype (its values
-    would cost a collective of their own; probabilities' last dim is the rank's own classes),
-    a number itself."""
+    would cost a collective of their own; a probability target's last dim is the rank's own
+    classes, also for an unbatched (C_local,) one), a number itself."""
     if isinstance(value, torch.Tensor):
-        shape = value.shape[:-1] if value.is_floating_point() and value.dim() > 1 else value.shape
+        shape = value.shape[:-1] if is_target and value.is_floating_point() else value.shape
         return tuple(shape), str(value.dtype)
     return value
 
@@ -363,7 +362,7 @@ def _global_classes(class_offset, num_local, num_classes, group, device, call=()
     if len({g[2] for g in gathered}) > 1:
         differs = [r for r, g in enumerate(gathered) if g[2] != fingerprint]
         raise ValueError(
-            f"rank {dist.get_rank(group)}'s call differs from rank(s) {differs}' (input shape or dtype, the "
+            f"rank {dist.get_rank(group)}'s call differs from that of rank(s) {differs} (input shape or dtype, the "
             f"per-row arguments' shapes, or the options): every rank must call with the same; this rank's: {call}"
         )
     table = sorted(tuple(g[:2]) for g in gathered)

@@ -583,7 +583,7 @@ def linear_cross_entropy(
     C, D = w.shape
     if D == 0:  # no features: the logits are the bias, nothing to fuse (and no kernel for empty rows)
         impl = "reference"
-    if _without_data(x, w, b, target, scale):
+    if _without_data(x, w, b, target, scale, target2, lam, weight):
         if impl not in ("auto", "reference"):
             raise ValueError(
                 f"impl={impl!r} cannot run under a torch.func transform (grad, vjp, jacrev, vmap) or on meta / "
@@ -746,8 +746,8 @@ def _fast_rows(impl, backend, x, w, reduction, return_lse, need_grad, memory_bud
 
 def _autocast_dtype(input) -> torch.dtype | None:
     """The dtype autocast gives ``F.linear``'s operands on ``input``'s device; None when off
-    (and on devices autocast does not know, such as meta)."""
-    if not isinstance(input, torch.Tensor) or input.device.type not in ("cuda", "cpu"):
+    (and on the meta device, which autocast's query refuses)."""
+    if not isinstance(input, torch.Tensor) or input.device.type == "meta":
         return None
     if not torch.is_autocast_enabled(input.device.type):
         return None

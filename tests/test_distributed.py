@@ -275,6 +275,20 @@ def _run_cross_rank(rank: int, world: int) -> list[str]:
         except ValueError as e:
             if "call differs" not in str(e):
                 errors.append(f"{kw}: {e!r}")
+    # legitimate calls the comparison must not refuse: an unbatched probability target (its one dim is
+    # the rank's own classes, uneven across ranks) and a frozen trunk with only some shards trained
+    probs = torch.softmax(torch.randn(C, dtype=torch.float64, generator=g), 0)
+    got = distributed.linear_cross_entropy(x[0], w, probs[offset : offset + n_local], class_offset=offset)
+    want = fused_xent.linear_cross_entropy(x[0], w_all, probs, impl="chunked")
+    if not abs(got.item() - want.item()) <= 1e-12 * abs(want.item()):
+        errors.append(f"unbatched probabilities: {got.item()} for {want.item()}")
+    w_part = w.clone().requires_grad_(rank == world - 1)
+    got = distributed.linear_cross_entropy(x, w_part, y, class_offset=offset)
+    if got.requires_grad:
+        got.backward()
+    want = fused_xent.linear_cross_entropy(x, w_all, y, impl="chunked")
+    if not abs(got.item() - want.item()) <= 1e-12 * abs(want.item()):
+        errors.append(f"partly frozen shards: {got.item()} for {want.item()}")
     b_all = torch.zeros(C, dtype=torch.float64)
     b_all[C - SHARDS[world][-1] :] = float("-inf")
     want = fused_xent.linear_cross_entropy(x, w_all, y, linear_bias=b_all, impl="chunked")

@@ -275,3 +275,9 @@ def test_module_checks_its_options_when_built():
     ]:
         with pytest.raises((ValueError, TypeError), match=match):
             LinearCrossEntropyLoss(**kwargs)
+    # the global determinism flag is the call's to read: it may change between building and calling
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        LinearCrossEntropyLoss(impl="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
