@@ -776,11 +776,13 @@ def _without_data(*values) -> bool:
     return False
 
 
-def _deterministic_impl(impl: str, deterministic: bool) -> str:
-    """``impl``, refused when determinism is asked for and it is the atomic "triton" path."""
+def _deterministic_impl(impl: str, deterministic: bool, read_global: bool = True) -> str:
+    """``impl``, refused when determinism is asked for and it is the atomic "triton" path;
+    ``read_global``: torch's global flag asks too (the call's; a module built earlier
+    checks its own flag only, since the global one may change before the call)."""
     if not isinstance(deterministic, bool):
         raise TypeError(f"deterministic must be a bool, got {_describe(deterministic)}")
-    if not (deterministic or torch.are_deterministic_algorithms_enabled()):
+    if not (deterministic or (read_global and torch.are_deterministic_algorithms_enabled())):
         return impl
     if impl == "triton":
         raise ValueError(

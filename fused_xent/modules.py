@@ -11,6 +11,7 @@ from fused_xent.functional import (
     _check_options,
     _check_torch_options,
     _describe,
+    _deterministic_impl,
     linear_cross_entropy,
 )
 
@@ -44,11 +45,7 @@ class LinearCrossEntropyLoss(nn.Module):
         _check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse)
         _check_ignore_index(ignore_index)
         _check_budget(memory_budget)
-        if not isinstance(deterministic, bool):
-            raise TypeError(f"deterministic must be a bool, got {_describe(deterministic)}")
-        if deterministic and impl == "triton":  # the global flag is the call's to read, as it may change
-            raise ValueError("impl='triton' is not deterministic (atomics in its backward); with deterministic=True "
-                             "use impl='auto', 'chunked' or 'reference'")  # fmt: skip
+        _deterministic_impl(impl, deterministic, read_global=False)
         if weight is not None and (not isinstance(weight, torch.Tensor) or weight.dim() != 1):
             raise ValueError(f"weight must be None or a (C,) tensor of class weights, got {_describe(weight)}")
         self.register_buffer("weight", weight)

@@ -86,8 +86,7 @@ def margin_target_logit(
 ) -> torch.Tensor:
     """``cos(m1 * arccos(c) + m2) - m3`` (before the scale), c clamped to +-(1 - COS_EPS);
     ``fallback`` (ArcFace, m1 = 1): see ``FALLBACKS``."""
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    _check_fallback(fallback)
     if m1 == 1.0 and m2 == 0.0:
         return cos - m3  # CosFace: no arccos, no clamp
     c = cos.clamp(-1.0 + COS_EPS, 1.0 - COS_EPS)
@@ -97,6 +96,11 @@ def margin_target_logit(
     elif fallback == "easy":
         target = torch.where(cos > 0, target, cos)
     return target - m3
+
+
+def _check_fallback(fallback) -> None:
+    if fallback not in FALLBACKS:
+        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
 
 
 def margin_logits(
@@ -317,8 +321,7 @@ def _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback=None) -> N
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite float, got {value!r}")
-    if fallback not in FALLBACKS:
-        raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+    _check_fallback(fallback)
     if fallback is not None and m1 != 1.0:
         raise ValueError(f"fallback={fallback!r} is ArcFace's (m1 = 1), got m1={m1}")
     if not s > 0:

@@ -183,15 +183,8 @@ def _read_transforms(cls: type) -> _Transforms | None:
     any softcap at all (neither a field's name, nor "softcap" / "soft_cap" / "tanh": Inkling 2
     applies the field through a ``logit_softcap`` submodule), so it is dropped only where the
     model plainly applies none (Gemma 3's ``ForConditionalGeneration``)."""
-    sources = []
-    for klass in cls.__mro__:
-        if klass is nn.Module or "forward" not in vars(klass):
-            continue
-        try:
-            sources.append(inspect.getsource(vars(klass)["forward"]))
-        except (OSError, TypeError):
-            return None
-    if not sources:
+    sources = [source for _, source in _forward_sources(cls)]
+    if not sources or None in sources:
         return None
     source = "\n".join(sources)
     scales = {}
@@ -360,13 +353,13 @@ def _fused_forward(model, forward, input_ids, labels, attention_mask, num_items_
     shift_labels = kwargs.pop("shift_labels", None)
     user_return_dict = kwargs.pop("return_dict", None)
     # ForCausalLMLoss's keyword, which the model's forward hands its loss (the base model ignores it)
-    ignore_index = kwargs.pop("ignore_index", IGNORE_INDEX)
+    given = kwargs.pop("ignore_index", IGNORE_INDEX)
     try:  # an int, a numpy integer or a 0-d integer tensor, as transformers takes them
-        ignore_index = None if isinstance(ignore_index, bool) else operator.index(ignore_index)
+        ignore_index = None if isinstance(given, bool) else operator.index(given)
     except TypeError:
         ignore_index = None
     if ignore_index is None:
-        raise ValueError(f"ignore_index must be an int, got {kwargs.get('ignore_index', '?')!r}")
+        raise ValueError(f"ignore_index must be an int, got {given!r}")
     targets = _shift(labels, shift_labels, ignore_index)
     base = model.base_model
     if base is model:  # base_model_prefix names no attribute (Llama 4's text model): the usual one
@@ -526,22 +519,33 @@ def _shifted_loss_function(model: nn.Module) -> bool:
         return False
     if getattr(model, "loss_function", None) is not ForCausalLMLoss:
         return False
-    for klass in type(model).__mro__:
-        if "forward" not in vars(klass):
-            continue
-        try:
-            source = inspect.getsource(vars(klass)["forward"])
-        except (OSError, TypeError):
+    for forward, source in _forward_sources(type(model)):
+        if source is None:
             return True
         if "self.loss_function(" in source:
             return True
         if not re.search(r"super\([^)]*\)\.forward\(", source):
             return False
         # labels handed on: by name where the forward names them, else inside *args / **kwargs
-        named = "labels" in inspect.signature(vars(klass)["forward"]).parameters
+        named = "labels" in inspect.signature(forward).parameters
         if not re.search(r"\blabels\s*=\s*labels\b" if named else r"\*\w", source):
             return False
     return False
+
+
+def _forward_sources(cls: type) -> list:
+    """``(forward, its source or None where it cannot be read)`` for each ``forward`` defined
+    along ``cls``'s MRO, the one that runs first; nn.Module's placeholder left out."""
+    out = []
+    for klass in cls.__mro__:
+        if klass is nn.Module or "forward" not in vars(klass):
+            continue
+        forward = vars(klass)["forward"]
+        try:
+            out.append((forward, inspect.getsource(forward)))
+        except (OSError, TypeError):
+            out.append((forward, None))
+    return out
 
 
 def _shift(labels, shift_labels, ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
