@@ -1,11 +1,11 @@
 """Where the memory of ``LinearCrossEntropyLoss(cuda_graph=True)``'s recorded ViT-21k call goes
-(the experiment of session 21, commit 'cuda_graph=True': recorded, measured, reverted).
+(session 21's experiment, commit 6f534dd; reverted after it).
 
 Prints the bytes cuBLAS's workspaces take on a new stream (a graph is recorded on a side stream),
 then records the ViT-21k lean call at the bench's lean budget and lists the segments of the
 graph's private pool and their blocks.
 
-    PYTHONPATH=. python benchmarks/probe_lean_graph_pool.py   (at the commit before the revert)
+    PYTHONPATH=. python benchmarks/probe_lean_graph_pool.py   (at 6f534dd)
 """
 
 import torch

@@ -3,8 +3,7 @@
 ``python -m fused_xent bench [case ...] [--out DIR]``. Per (case, method) it reports the
 median forward+backward time (CUDA events via ``triton.testing.do_bench``, after warm-up; on
 the CPU the median of ``CPU_REPS`` calls after one),
-the forward-only time, the peak memory beyond what was allocated before the call (plus what a
-method keeps between calls: a CUDA graph's memory), and the
+the forward-only time, the peak memory beyond what was allocated before the call, and the
 errors of the loss and of the input / weight gradients against an fp32 reference on the
 same bf16-rounded values. Methods whose package is missing are skipped; a failure becomes
 an error row. On a machine without CUDA it runs the small ``cpu_small`` case.
@@ -35,7 +34,7 @@ CASES = {
     "gemma2_peaked": dict(N=8192, D=2304, C=256000, peaked=True, fast_peak_mib=3072, lean_peak_mib=1300),
     "llama3": dict(N=8192, D=4096, C=128256, fast_peak_mib=2600, lean_peak_mib=1300),
     "extreme_1m": dict(N=4096, D=512, C=1_000_000, compile=False, fast_peak_mib=2600, lean_peak_mib=1100),
-    "vit21k": dict(N=4096, D=768, C=21841, bias=True, ls=0.1, fast_peak_mib=128, lean_peak_mib=128, graph=True),
+    "vit21k": dict(N=4096, D=768, C=21841, bias=True, ls=0.1, fast_peak_mib=128, lean_peak_mib=128),
     "cpu_small": dict(N=256, D=64, C=1000, bias=True, ls=0.1),
 }
 
@@ -75,8 +74,6 @@ def methods(case: dict, device: str) -> dict:
             )
 
         out[f"fused_xent[{impl}]"] = ours
-    if device == "cuda" and case.get("graph"):  # small heads, where the host is the bound
-        out["fused_xent[lean+graph]"] = _graphed(case)
     try:
         from cut_cross_entropy import linear_cross_entropy as cce
 
@@ -96,21 +93,6 @@ def methods(case: dict, device: str) -> dict:
     except ImportError:
         pass
     return out
-
-
-def _graphed(case: dict):
-    """Lean under ``cuda_graph=True`` at the lean column's budget; ``held_bytes()`` is the memory
-    its graph keeps between calls, which ``run_case`` adds to the call's peak."""
-    module = fused_xent.LinearCrossEntropyLoss(
-        impl="lean", label_smoothing=case.get("ls", 0.0), memory_budget=lean_budget(case), cuda_graph=True
-    )
-
-    def graphed(x, w, y, b, ls):
-        assert ls == module.label_smoothing
-        return module(x, w, y, b)
-
-    graphed.held_bytes = module.graph_bytes
-    return graphed
 
 
 def fast_budget(case: dict, itemsize: int = 2) -> int | None:
@@ -249,16 +231,13 @@ def run_case(name: str, case: dict, device: str, only: list[str] | None = None) 
                     return fn(x, w, y, b, ls)
 
             loss = fwbw()
-            held = getattr(fn, "held_bytes", lambda: 0)() / 2**20  # a graph's memory, kept between calls
             row.update(loss_err=_rel(loss.detach(), ref_loss), gx_err=_rel(x.grad, ref_gx), gw_err=_rel(w.grad, ref_gw))
             for p in params:
                 p.grad = None
-            row["peak_fwbw_mib"] = round(_peak(fwbw, device) + held, 1)
+            row["peak_fwbw_mib"] = round(_peak(fwbw, device), 1)
             for p in params:
                 p.grad = None
-            row["peak_fw_mib"] = round(_peak(fw, device) + held, 1)
-            if held:
-                row["held_mib"] = round(held, 1)
+            row["peak_fw_mib"] = round(_peak(fw, device), 1)
             row["fwbw_ms"] = round(_bench(fwbw, device), 3)
             row["fw_ms"] = round(_bench(fw, device), 3)
         except Exception as e:  # a missing feature or an out-of-memory is a row, not a crash

@@ -8,7 +8,6 @@ dimensions, picks a backend and wires autograd.
 from __future__ import annotations
 
 import collections
-import contextvars
 import dataclasses
 import functools
 import math
@@ -154,13 +153,6 @@ def _forward_impl(
     with torch.autocast(x.device.type, enabled=False):  # the backends choose their own precision
         lse, lin, *rest = forward(x, w, b, scale, rt, opts)
     return lse, lin, rest[0] if rest else aux
-
-
-#: Set while ``graphs.GraphedLoss`` records a call into a CUDA graph: lean's and filtered's
-#: training forwards then keep the chunk of their budget. In the graph's private pool, forward
-#: chunks widened by the gradients' bytes left blocks that the backward's could not all reuse,
-#: and the pool grew (``benchmarks/NVIDIA-H100-80GB-HBM3/probe_lean_graph.log``).
-RECORDING_GRAPH: contextvars.ContextVar[bool] = contextvars.ContextVar("fused_xent_recording_graph", default=False)
 
 
 def _spare_bytes(x: torch.Tensor, w: torch.Tensor, needs: list[bool]) -> int:
@@ -639,8 +631,7 @@ def linear_cross_entropy(
     if backend is None:
         rows, lse = reference.reference_rows(x, w, b, scale_t, rt, opts)
     else:
-        widen = backend.name in ("class_chunked", "filtered") and not RECORDING_GRAPH.get()
-        spare = _spare_bytes(x, w, needs) if widen else 0
+        spare = _spare_bytes(x, w, needs) if backend.name in ("class_chunked", "filtered") else 0
         args = _targets_args(rt), *_options_args(opts), backend.name, any(needs), spare
         if reduction != "none" and not return_lse and _eager_triton(backend) and x.dtype != torch.float64:
             return _EagerLinearXentReduced.apply(x, w, b, scale_t, *args, reduction)
