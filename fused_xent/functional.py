@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -413,6 +414,10 @@ class _EagerFast(torch.autograd.Function):
         ctx.save_for_backward(x, w, b, scale, lse, x.new_empty((0,), dtype=torch.float32), *targets)
         ctx.options, ctx.backend, ctx.reduction = args[:6], "class_chunked", args[6]
         ctx.mark_non_differentiable(lse)
+        # the first backward reads no saved tensor, so autograd's check of in-place changes
+        # would not run: their versions, through weak references (saved-tensor hooks may
+        # move the saved ones off the device; unpacking them only to check would undo that)
+        ctx.versions = [(weakref.ref(t), t._version) for t in (x, w, b, scale) if t is not None]
         return loss, lse
 
     @staticmethod
@@ -420,6 +425,14 @@ class _EagerFast(torch.autograd.Function):
         refuse_create_graph("fast")
         if ctx.grads is None:  # handed over in the first backward: recompute, the lean way
             return *_reduced_input_grads(ctx, g_loss, None), *[None] * 13
+        for ref, version in ctx.versions:
+            t = ref()
+            if t is not None and t._version != version:
+                raise RuntimeError(
+                    "one of the variables needed for gradient computation has been modified by an inplace "
+                    f"operation: a {tuple(t.shape)} input of fused_xent's loss (impl 'fast') is at version "
+                    f"{t._version}, expected version {version}"
+                )
         grads = tuple(g if g.numel() else None for g in ctx.grads)
         scale_all_([g for g in grads if g is not None], g_loss)
         ctx.grads = None  # autograd takes the tensors over as .grad, without a copy

@@ -392,3 +392,23 @@ def test_fallback_checked_everywhere_and_old_heads_load():
     want = head(x, y)
     del head.__dict__["fallback"]
     torch.testing.assert_close(head(x, y), want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("impl", ["auto", "reference"])
+@pytest.mark.parametrize("name", ["arcface", "cosface"])
+def test_second_derivatives_through_the_weight_norms(impl, name):
+    """A gradient penalty (``create_graph=True``) on the torch paths: the second derivative goes
+    through W's norms as well (they were taken as constants: d/dW 0.62 off)."""
+    x, w, y = problem(12, 16, 37)
+    y[3] = -100
+    m = MARGINS[name]
+
+    def penalty_grads(loss_fn):
+        xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
+        gx, gw = torch.autograd.grad(loss_fn(xx, ww), (xx, ww), create_graph=True)
+        return torch.autograd.grad((gx**2).sum() + (gw**2).sum(), (xx, ww))
+
+    got = penalty_grads(lambda a, b: margin_cross_entropy(a, b, y, s=8.0, m1=m[0], m2=m[1], m3=m[2], impl=impl))
+    want = penalty_grads(lambda a, b: reference(a, b, y, s=8.0, m=m))
+    for g, r in zip(got, want, strict=True):
+        assert rel_err(g, r) < 1e-10

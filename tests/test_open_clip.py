@@ -361,6 +361,23 @@ def test_siglip_over_many_chunks_and_negative_only(monkeypatch):
 
 
 @needs_open_clip
+def test_siglip_gradient_penalty_matches_open_clip(monkeypatch):
+    """``create_graph=True`` (a gradient penalty) through the sigmoid loss, over several chunks
+    (the positives' diagonal in each): open_clip differentiates its backward; ours too (it
+    subtracted the diagonal in place from the sigmoid's output, which that backward reads)."""
+    monkeypatch.setattr(fused, "chunk_rows", lambda num_classes: 5)
+    images, texts, scale, bias = _features(12, 7, torch.float64, seed=4, scale=3.0, bias=-2.0)
+
+    def penalty(loss_fn):
+        leaves = [t.detach().clone().requires_grad_() for t in (images, texts, scale, bias)]
+        loss = loss_fn(*leaves)
+        gi, gt = torch.autograd.grad(loss, leaves[:2], create_graph=True)
+        return loss.detach(), torch.autograd.grad((gi**2).sum() + (gt * gt.flip(0)).sum(), leaves)
+
+    _assert_close(penalty(fused.FusedSigLipLoss()), penalty(open_clip_loss.SigLipLoss()), rtol=1e-10)
+
+
+@needs_open_clip
 def test_siglip_low_precision_features():
     """bf16 features: the fused loss accumulates in fp32, so it is closer to the float64 value
     than open_clip's own bf16 computation is."""

@@ -71,6 +71,22 @@ def test_second_backward(impl, reduction):
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("changed", ["weight", "input"])
+def test_an_input_changed_in_place_before_the_backward_is_refused(impl, changed):
+    """An optimizer or EMA step between the forward and the backward: autograd's version error
+    on every impl ("fast" forms its gradients in the forward and reads no saved tensor in its
+    first backward: it returned the old weights' gradients silently)."""
+    leaf, w = _leaves()
+    x = 1.0 * leaf  # a non-leaf input may change in place
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    loss = linear_cross_entropy(x, w, y, impl=impl)
+    with torch.no_grad():
+        (w if changed == "weight" else x).mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_create_graph(impl, reduction):
     """A gradient penalty: exact through the plain-torch backends, a clear error through the

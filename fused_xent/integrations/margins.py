@@ -146,6 +146,8 @@ class _NormalizedRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: torch.Tensor, g_idx: torch.Tensor):
         w, idx, norm = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: the norms depend on w too, for the second derivative
+            norm = torch.linalg.vector_norm(w, dim=1, dtype=norm.dtype).clamp_min(1e-12)
         C, D = w.shape
         dw = torch.empty_like(w)
         for i, j in _row_chunks(C, D):

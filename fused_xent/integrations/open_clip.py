@@ -301,7 +301,9 @@ def chunked_siglip_backward(x, y, scale, bias, positive_diag: bool, g: torch.Ten
         x_rows = x[start : start + step]
         z = matmul_wide(x_rows, y.T) * s + b
         dz = torch.sigmoid(z)
-        if positive_diag:
+        if positive_diag and torch.is_grad_enabled():  # create_graph: sigmoid's backward reads dz
+            dz = dz.diagonal_scatter(dz.diagonal(offset=start) - 1.0, offset=start)
+        elif positive_diag:
             dz.diagonal(offset=start).sub_(1.0)
         dbias += dz.sum()
         dz = dz.to(x.dtype)
