@@ -274,7 +274,7 @@ def linear_cross_entropy(
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS} for a sharded classifier, got {impl!r}")
     functional._check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse)
-    functional._check_ignore_index(ignore_index)
+    ignore_index = functional._check_ignore_index(ignore_index)
     impl = functional._deterministic_impl(impl, deterministic)
     x, w, b = functional._check_linear(input, linear_weight, linear_bias)
     num_local = w.shape[0]

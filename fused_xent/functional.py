@@ -12,6 +12,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import operator
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -392,8 +393,10 @@ def _fast_setup(ctx, inputs, output):
 
 
 def _fast_backward(ctx, g_loss, g_lse, *_):
-    """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss."""
-    return *(g * g_loss if g.numel() else None for g in ctx.grads), *[None] * 13
+    """Each stored gradient (dx, dw, db, dscale) times the upstream gradient of the loss (an
+    empty one too: dx of an empty batch is needed, with no elements)."""
+    grads = zip(ctx.grads, ctx.needs_input_grad[:4], strict=True)
+    return *(g * g_loss if needed else None for g, needed in grads), *[None] * 13
 
 
 _fast_op.register_autograd(_fast_backward, setup_context=_fast_setup)
@@ -433,8 +436,8 @@ class _EagerFast(torch.autograd.Function):
                     f"operation: a {tuple(t.shape)} input of fused_xent's loss (impl 'fast') is at version "
                     f"{t._version}, expected version {version}"
                 )
-        grads = tuple(g if g.numel() else None for g in ctx.grads)
-        scale_all_([g for g in grads if g is not None], g_loss)
+        grads = tuple(g if needed else None for g, needed in zip(ctx.grads, ctx.needs_input_grad[:4], strict=True))
+        scale_all_([g for g in grads if g is not None and g.numel()], g_loss)
         ctx.grads = None  # autograd takes the tensors over as .grad, without a copy
         return *grads, *[None] * 13
 
@@ -510,7 +513,8 @@ def linear_cross_entropy(
         linear_bias: (C,) or None.
         weight: (C,) per-class rescaling weight, as in ``F.cross_entropy``.
         reduction: "mean" | "sum" | "none" (then the loss has the shape of ``input[..., 0]``).
-        ignore_index: class index whose rows are skipped; None skips none.
+        ignore_index: class index whose rows are skipped; None means -100, as in torch's
+            ``linear_cross_entropy``.
         label_smoothing: eps in [0, 1], mixing the target with the uniform distribution.
         options: None or a ``torch.nn.LinearCrossEntropyOptions``, taken so that a call of
             ``torch.nn.functional.linear_cross_entropy`` (torch >= 2.13) runs unchanged. Its
@@ -589,7 +593,7 @@ def linear_cross_entropy(
                 memory_budget=memory_budget,
             )
     _check_options(reduction, label_smoothing, z_loss, softcap, impl, return_lse)
-    _check_ignore_index(ignore_index)
+    ignore_index = _check_ignore_index(ignore_index)
     memory_budget = _check_budget(memory_budget)
     impl = _deterministic_impl(impl, deterministic)
     x, w, b = _check_linear(input, linear_weight, linear_bias)
@@ -828,9 +832,14 @@ def _check_torch_options(options) -> None:
         raise TypeError(f"options must be None or a torch.nn.LinearCrossEntropyOptions, got {_describe(options)}")
 
 
-def _check_ignore_index(ignore_index) -> None:
-    if ignore_index is not None and (not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool)):
+def _check_ignore_index(ignore_index) -> int:
+    """``ignore_index`` as an int: None is -100, as in ``torch.nn.functional.linear_cross_entropy``
+    (for class indices; probability targets ignore nothing either way)."""
+    if ignore_index is None:
+        return -100
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
         raise TypeError(f"ignore_index must be an int or None, got {_describe(ignore_index)}")
+    return operator.index(ignore_index)
 
 
 def _check_linear(input, linear_weight, linear_bias):
@@ -905,6 +914,11 @@ def _check_mixup(target2, lam, target, batch_shape, dense, device):
             raise ValueError(f"lam must be in [0, 1], got {lam}")
         lam_rows = torch.full((n,), float(lam), device=device, dtype=torch.float64)  # rounded later, per dtype
     elif isinstance(lam, torch.Tensor):
+        if lam.requires_grad and torch.is_grad_enabled():  # as the class weights: no gradient flows to it
+            raise RuntimeError(
+                "lam requires grad, but the loss is not differentiable with respect to the mixup weight; "
+                "pass lam.detach()"
+            )
         if lam.numel() == 1:
             lam_rows = lam.detach().reshape(()).double().expand(n)
         elif tuple(lam.shape) == tuple(batch_shape) or tuple(lam.shape) == (n,):

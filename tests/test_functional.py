@@ -323,6 +323,11 @@ BAD_INPUTS = [
     (dict(y=torch.rand(8, 11), kw=dict(ignore_index=2)), ValueError, "ignore_index=2 does not apply"),
     (dict(kw=dict(target2=torch.zeros(8, dtype=torch.long), lam=1.5)), ValueError, "lam must be in"),
     (dict(kw=dict(target2=torch.zeros(8, dtype=torch.long), lam=torch.rand(3))), ValueError, "lam must be"),
+    (
+        dict(kw=dict(target2=torch.zeros(8, dtype=torch.long), lam=torch.rand(8, requires_grad=True))),
+        RuntimeError,
+        "lam requires grad",
+    ),  # fmt: skip
     (dict(w=torch.randn(11, 6).double()), TypeError, "linear_weight dtype"),
     (dict(x=torch.randn(8, 6).int()), TypeError, "input must be a float tensor"),
     (dict(w=torch.randn(11)), ValueError, "linear_weight must be a (C, D)"),

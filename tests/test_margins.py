@@ -293,11 +293,14 @@ def test_head_refuses_bad_options_when_built():
 
 @pytest.mark.parametrize("impl", ["reference", "lean"])
 def test_integer_targets_of_any_width_and_no_ignore_index(impl):
-    """int32 / uint8 targets give the int64 result; ``ignore_index=None`` keeps every row."""
+    """int32 / uint8 targets give the int64 result; ``ignore_index=None`` is -100, as torch's."""
     x, w, y = problem(6, 8, 11, dtype=torch.float32)
     want = margin_cross_entropy(x, w, y, impl=impl)
     for dtype in (torch.int32, torch.uint8):
         torch.testing.assert_close(margin_cross_entropy(x, w, y.to(dtype), impl=impl), want, rtol=0, atol=0)
+    torch.testing.assert_close(margin_cross_entropy(x, w, y, ignore_index=None, impl=impl), want, rtol=0, atol=0)
+    y[2] = -100
+    want = margin_cross_entropy(x, w, y, impl=impl)
     torch.testing.assert_close(margin_cross_entropy(x, w, y, ignore_index=None, impl=impl), want, rtol=0, atol=0)
 
 

@@ -26,8 +26,8 @@ def _problem(shape, dtype, weight: bool, bias: bool, ignore_index, seed=0):
     x = torch.randn(*shape, D, generator=g, dtype=torch.float64).to(dtype)
     w = (torch.randn(C, D, generator=g, dtype=torch.float64) / D**0.5).to(dtype)
     y = torch.randint(0, C, shape, generator=g)
-    if ignore_index is not None and y.dim():
-        y[0] = ignore_index  # one row ignored (torch's default None ignores no class)
+    if y.dim():
+        y[0] = -100 if ignore_index is None else ignore_index  # one row ignored (torch's None is -100)
     kw = {}
     if weight:
         kw["weight"] = (torch.rand(C, generator=g, dtype=torch.float64) + 0.5).to(dtype)

@@ -257,6 +257,7 @@ def margin_cross_entropy(
     compiling (the check needs a host sync): there that row's loss is NaN.
     """
     _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback)
+    ignore_index = _check_ignore_index(ignore_index)  # None is -100, as in torch
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(input, torch.Tensor) or input.dim() != 2:
