@@ -70,17 +70,18 @@ def test_empty_batch_returns_what_torch_returns(impl, reduction, lead):
         torch.testing.assert_close(a, e, equal_nan=True, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("impl", [*CPU_IMPLS, "lean", "fast"])
+@pytest.mark.parametrize("impl", [*CPU_IMPLS, "lean", "fast", "auto"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_empty_batch_reduced_loss_gives_the_input_its_empty_gradient(impl, reduction):
     """N = 0 through the reduced loss without the lse ("fast" takes it): the input's gradient is
     an empty tensor, not None ("fast" read an empty stored gradient as one not asked for)."""
     D, C = 6, 11
-    x, w = torch.randn(0, D), torch.randn(C, D)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # where "auto" takes "fast"
+    x, w = torch.randn(0, D, device=dev), torch.randn(C, D, device=dev)
     xs, ws, _ = _leaves(x, w, torch.zeros(C))
-    got = linear_cross_entropy(xs, ws, torch.zeros(0, dtype=torch.long), reduction=reduction, impl=impl)
+    got = linear_cross_entropy(xs, ws, torch.zeros(0, dtype=torch.long, device=dev), reduction=reduction, impl=impl)
     gx, gw = torch.autograd.grad(got, (xs, ws))
-    assert gx.shape == (0, D) and torch.equal(gw, torch.zeros(C, D))
+    assert gx.shape == (0, D) and torch.equal(gw, torch.zeros(C, D, device=dev))
 
 
 @pytest.mark.parametrize("impl", ["chunked", "triton"])
