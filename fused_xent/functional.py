@@ -418,9 +418,12 @@ class _EagerFast(torch.autograd.Function):
         ctx.options, ctx.backend, ctx.reduction = args[:6], "class_chunked", args[6]
         ctx.mark_non_differentiable(lse)
         # the first backward reads no saved tensor, so autograd's check of in-place changes
-        # would not run: their versions, through weak references (saved-tensor hooks may
-        # move the saved ones off the device; unpacking them only to check would undo that)
-        ctx.versions = [(weakref.ref(t), t._version) for t in (x, w, b, scale) if t is not None]
+        # would not run: their versions, through weak references (unpacking the saved tensors only
+        # to check would undo an offloading hook's work). Under saved-tensor hooks autograd checks
+        # nothing (it uses what was packed), and neither does this
+        hooked = torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+        inputs = () if hooked else (t for t in (x, w, b, scale) if t is not None and not t.is_inference())
+        ctx.versions = [(weakref.ref(t), t._version) for t in inputs]
         return loss, lse
 
     @staticmethod

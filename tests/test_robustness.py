@@ -87,6 +87,20 @@ def test_an_input_changed_in_place_before_the_backward_is_refused(impl, changed)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_under_saved_tensor_hooks_an_in_place_change_is_not_checked(impl):
+    """Under saved-tensor hooks (activation offloading) autograd uses what the hook packed and
+    checks no version; "fast" does as the others (its own check raised there)."""
+    leaf, w = _leaves()
+    y = torch.randint(0, C, (N,), device=DEVICE)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        loss = linear_cross_entropy(leaf, w, y, impl=impl)
+    with torch.no_grad():
+        w.mul_(2.0)
+    loss.backward()
+    assert leaf.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_create_graph(impl, reduction):
     """A gradient penalty: exact through the plain-torch backends, a clear error through the
