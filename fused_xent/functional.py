@@ -969,7 +969,7 @@ def _check_target_range(t, t2, lam_rows, C, ignore_index) -> None:
         return  # (under a torch.func transform or on meta: the NaN rows only, as while compiling)
     if t.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    keep = None if ignore_index is None else t != ignore_index
+    keep = t != ignore_index  # an int: _check_ignore_index resolves None
     flags = [_label_range(t, keep)]
     if t2 is not None:
         lam_bad = ~((lam_rows >= 0) & (lam_rows <= 1))  # NaN too; on every row, as build_row_targets
@@ -1001,9 +1001,9 @@ def _report_target_range(summary: torch.Tensor, C: int, ignore_index) -> None:
 _FREE_PINNED: list[torch.Tensor] = []
 
 
-def _label_range(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+def _label_range(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """``[min, max]`` of the kept labels (0 stands for ignored rows)."""
-    return torch.stack(torch.aminmax(t if keep is None else torch.where(keep, t, 0)))
+    return torch.stack(torch.aminmax(torch.where(keep, t, 0)))
 
 
 def _raise_finished_checks() -> None:

@@ -256,8 +256,7 @@ def margin_cross_entropy(
     A class outside [0, C) on a row that is not ignored raises a ValueError, except while
     compiling (the check needs a host sync): there that row's loss is NaN.
     """
-    _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback)
-    ignore_index = _check_ignore_index(ignore_index)  # None is -100, as in torch
+    ignore_index = _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     if not isinstance(input, torch.Tensor) or input.dim() != 2:
@@ -287,7 +286,7 @@ def margin_cross_entropy(
         raise TypeError(f"linear_weight dtype {linear_weight.dtype} must equal input dtype {input.dtype}")
 
     C, N = linear_weight.shape[0], target.shape[0]
-    keep = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    keep = target != ignore_index
     bad = keep & ((target < 0) | (target >= C))
     _check_target_range(target, None, None, C, ignore_index)
     # T as N sorted slots without a host sync (torch.unique's size is data-dependent): ignored
@@ -319,8 +318,9 @@ def margin_cross_entropy(
     return _reduce(rows.masked_fill(bad, float("nan")), keep, reduction)
 
 
-def _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback=None) -> None:
-    """The scalar arguments of :func:`margin_cross_entropy` (and :class:`MarginHead`'s)."""
+def _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback=None) -> int:
+    """The scalar arguments of :func:`margin_cross_entropy` (and :class:`MarginHead`'s); returns
+    ``ignore_index`` as an int (None is -100, as in torch)."""
     for name, value in (("s", s), ("m1", m1), ("m2", m2), ("m3", m3)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite float, got {value!r}")
@@ -343,7 +343,7 @@ def _check_margin_options(s, m1, m2, m3, impl, ignore_index, fallback=None) -> N
         )
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {tuple(i for i in IMPLS if i != 'fast')}, got {impl!r}")
-    _check_ignore_index(ignore_index)
+    return _check_ignore_index(ignore_index)
 
 
 def _lean_budget(memory_budget: int | None, xn: torch.Tensor, C: int) -> int | None:
