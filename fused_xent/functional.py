@@ -1001,9 +1001,10 @@ def _report_target_range(summary: torch.Tensor, C: int, ignore_index) -> None:
 _FREE_PINNED: list[torch.Tensor] = []
 
 
-def _label_range(t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``[min, max]`` of the kept labels (0 stands for ignored rows)."""
-    return torch.stack(torch.aminmax(torch.where(keep, t, 0)))
+def _label_range(t: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    """``[min, max]`` of the kept labels (0 stands for ignored rows; None keeps every row, as
+    ``kernels.targets.row_targets`` without an ignore_index, which its test checks against this)."""
+    return torch.stack(torch.aminmax(t if keep is None else torch.where(keep, t, 0)))
 
 
 def _raise_finished_checks() -> None:
